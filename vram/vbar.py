@@ -160,6 +160,9 @@ class VBAR:
                 pins[p] -= 1
                 if pins[p] == 0:
                     self.pinned_pages -= 1
+            pool = self.pool
+            if pool.mapped_bytes > pool.budget():
+                pool.make_room(0)   # the budget shrank while these pages were pinned
 
     def hold(self, slot):
         """Fault ``slot`` and keep it pinned until ``release``: it is never evicted meanwhile."""
