@@ -1,0 +1,86 @@
+"""NF4 dequant throughput on CPU: ours vs bitsandbytes' native kernel vs a plain bf16 copy.
+
+    .venv/bin/python benchmarks/bench_nf4.py [--quick] [--rounds N]
+
+GB/s counts the bf16 output bytes. All methods run round-robin in one process, so load
+from other processes hits them alike; each figure is the median over rounds.
+"""
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+if "vbar_loaders" not in sys.modules:  # same alias as tests/conftest.py
+    pkg = types.ModuleType("vbar_loaders")
+    pkg.__path__ = [str(ROOT)]
+    sys.modules["vbar_loaders"] = pkg
+
+from vbar_loaders.loaders.nf4 import dequantize_nf4, parse_quant_state  # noqa: E402
+
+
+def bnb_case(x, nested):
+    import bitsandbytes.functional as F
+    q, st = F.quantize_4bit(x, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    entries = {"l.weight": q, **{"l.weight." + k: v for k, v in st.as_dict(packed=True).items()}}
+    return (lambda: F.dequantize_4bit(q, st)), entries
+
+
+def run(shapes, rounds):
+    try:
+        import bitsandbytes  # noqa: F401
+        have_bnb = True
+    except ImportError:
+        have_bnb = False
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"bitsandbytes {'yes' if have_bnb else 'not installed'}, {rounds} rounds, medians\n")
+    head = f"{'shape':>12} {'layout':>6} | {'ours GB/s':>9} {'bnb GB/s':>9} {'copy GB/s':>9} | {'ours/bnb':>8} {'ours/copy':>9}"
+    print(head)
+    print("-" * len(head))
+    for shape in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(shape, dtype=torch.bfloat16) * 0.02
+        nbytes = x.numel() * 2
+        for nested in (False, True):
+            if have_bnb:
+                bnb_fn, entries = bnb_case(x, nested)
+            else:
+                from vbar_loaders.loaders.nf4 import nf4_state_dict_entries
+                bnb_fn, entries = None, nf4_state_dict_entries("l", x, compress_statistics=nested)
+            w = parse_quant_state(entries, "l", "bench")
+            fns = {"ours": lambda: dequantize_nf4(w, torch.bfloat16), "copy": x.clone}
+            if bnb_fn:
+                fns["bnb"] = bnb_fn
+                assert torch.equal(fns["ours"](), bnb_fn()), "not bit-exact: fix before timing"
+            times = {k: [] for k in fns}
+            for _ in range(3):  # warm caches, allocator and thread pool
+                for f in fns.values():
+                    f()
+            for _ in range(rounds):
+                for k, f in fns.items():
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
+            gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+            b = gbs.get("bnb")
+            print(f"{'x'.join(map(str, shape)):>12} {'v1' if nested else 'v2':>6} | {gbs['ours']:9.2f} "
+                  f"{b if b else float('nan'):9.2f} {gbs['copy']:9.2f} | "
+                  f"{gbs['ours'] / b if b else float('nan'):8.2f} {gbs['ours'] / gbs['copy']:9.2f}")
+    print("\nv1 = nested (8-bit) absmax, decoded each call; v2 = fp32 absmax. copy = x.clone().")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
+    ap.add_argument("--rounds", type=int, default=None)
+    a = ap.parse_args()
+    shapes = [(256, 256), (256, 1024)] if a.quick else [(3072, 3072), (3072, 12288)]
+    run(shapes, a.rounds or (5 if a.quick else 21))
+
+
+if __name__ == "__main__":
+    main()
