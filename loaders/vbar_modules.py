@@ -1,0 +1,163 @@
+"""Layers whose weights fault in through a WeightStore at forward time.
+
+``vbarize(model, store)`` turns every supported layer of an existing torch model into its VBAR
+variant in place (class swap, so ComfyUI's op classes keep their own attributes). Weights stay
+registered parameters holding the *source* (host) tensors, so ``state_dict()``, LoRA key maps
+and size accounting keep working; ``.to()`` leaves them where they are.
+
+Casting follows ComfyUI's ops: weight and bias take the input's dtype and device; Embedding keeps
+fp16/bf16 weights as they are and casts the output.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+_NULL = contextlib.nullcontext()
+
+
+def _param(m, name, device, dtype):
+    h = m._vbar_handles.get(name)
+    if h is None:
+        p = getattr(m, name, None)
+        if p is None:
+            return contextlib.nullcontext(None)
+        return contextlib.nullcontext(p.to(device=device, dtype=dtype))
+    patches = getattr(m, f"{name}_function", None) or None
+    return m._vbar_store.use(h, device, dtype, patches, getattr(m, "vbar_patch_key", None))
+
+
+def _linear(m, x):
+    with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
+        return F.linear(x, w, b)
+
+
+def _conv(m, x):
+    with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
+        return m._conv_forward(x, w, b)
+
+
+def _conv_transpose(m, x, output_size=None):
+    dims = {torch.nn.ConvTranspose1d: 1, torch.nn.ConvTranspose2d: 2, torch.nn.ConvTranspose3d: 3}
+    n = next(d for cls, d in dims.items() if isinstance(m, cls))
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, n, m.dilation)
+    with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
+        return fn(x, w, b, m.stride, m.padding, output_padding, m.groups, m.dilation)
+
+
+def _embedding(m, x, out_dtype=None):
+    stored = m.weight.dtype
+    dtype = stored if stored in (torch.float16, torch.bfloat16) or out_dtype is None else out_dtype
+    with _param(m, "weight", x.device, dtype) as w:
+        out = F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+    return out.to(dtype=out_dtype) if out_dtype is not None else out
+
+
+def _layer_norm(m, x):
+    with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
+        return F.layer_norm(x, m.normalized_shape, w, b, m.eps)
+
+
+def _group_norm(m, x):
+    with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
+        return F.group_norm(x, m.num_groups, w, b, m.eps)
+
+
+def _rms_norm(m, x):
+    with _param(m, "weight", x.device, x.dtype) as w:
+        return F.rms_norm(x, m.normalized_shape, w, m.eps)
+
+
+# Order matters: ConvTranspose before Conv is not needed (separate bases), but subclasses of
+# several torch classes are matched by the first entry.
+_KINDS = [
+    (torch.nn.Linear, _linear),
+    (torch.nn.ConvTranspose1d, _conv_transpose),
+    (torch.nn.ConvTranspose2d, _conv_transpose),
+    (torch.nn.ConvTranspose3d, _conv_transpose),
+    (torch.nn.Conv1d, _conv),
+    (torch.nn.Conv2d, _conv),
+    (torch.nn.Conv3d, _conv),
+    (torch.nn.Embedding, _embedding),
+    (torch.nn.LayerNorm, _layer_norm),
+    (torch.nn.GroupNorm, _group_norm),
+    (torch.nn.RMSNorm, _rms_norm),
+]
+
+
+class VbarLayer:
+    """Mixin placed in front of a layer's own class."""
+
+    _vbar_forward = None
+
+    def forward(self, *args, **kwargs):
+        return type(self)._vbar_forward(self, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # Weights live in the VBAR or the file mapping; .to()/.half() must not copy them.
+        held = {n: self._parameters.pop(n) for n in list(self._vbar_handles) if n in self._parameters}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters.update(held)
+
+
+_classes = {}
+
+
+def vbar_class(cls):
+    """The VBAR variant of layer class ``cls`` (cached), or None if unsupported."""
+    if issubclass(cls, VbarLayer):
+        return cls
+    if cls not in _classes:
+        fwd = next((f for base, f in _KINDS if issubclass(cls, base)), None)
+        _classes[cls] = None if fwd is None else type(
+            f"Vbar{cls.__name__}", (VbarLayer, cls),
+            {"_vbar_forward": staticmethod(fwd), "__module__": __name__})
+    return _classes[cls]
+
+
+def supported(module):
+    return vbar_class(type(module)) is not None
+
+
+def vbarize(model, store, order=None):
+    """Give every supported layer of ``model`` its weights through ``store``; build the store.
+
+    ``order``: module names in execution order (first = highest priority); default is the
+    model's registration order, which for diffusion models follows the forward pass.
+    """
+    named = dict(model.named_modules())
+    names = list(order) if order is not None else list(named)
+    names += [n for n in named if n not in set(names)]
+    for name in names:
+        m = named[name]
+        cls = vbar_class(type(m))
+        if cls is None or isinstance(m, VbarLayer) and m._vbar_handles:
+            continue
+        handles = {}
+        for pname in ("weight", "bias"):
+            p = m._parameters.get(pname)
+            if p is not None:
+                handles[pname] = store.add(f"{name}.{pname}" if name else pname, p.detach())
+        m.__class__ = cls
+        m._vbar_store = store
+        m._vbar_handles = handles
+    store.build()
+    return model
+
+
+def execution_order(model, *inputs, **kwargs):
+    """Run ``model`` once (no grad) and return supported layer names in first-use order."""
+    seen, hooks = [], []
+    for name, m in model.named_modules():
+        if supported(m):
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, n=name: seen.append(n)))
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(seen))

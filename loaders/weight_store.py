@@ -1,0 +1,151 @@
+"""Per-model weight residency: each weight's bytes get a VBAR slot and are faulted in at use.
+
+A weight's *source* stays where the loader put it (a zero-copy view into the model file on the
+host). ``use()`` faults the slot: an unchanged signature means the device copy is still valid and
+nothing is copied; a changed one means copy the source in first; an offloaded fault streams the
+source through a temporary. Quantized weights keep their packed bytes in the slot and ``decode``
+them on the device at every use.
+"""
+import contextlib
+import threading
+
+import torch
+
+SMALL_BYTES = 64 << 10   # below this a weight simply lives on the device: paging it costs more
+
+
+class WeightHandle:
+    __slots__ = ("key", "source", "decode", "shape", "slot", "sig", "content", "view", "small",
+                 "nbytes", "uses", "streams")
+
+    def __init__(self, key, source, decode, shape):
+        self.key = key
+        self.source = source          # host tensor: the stored bytes (packed for quantized)
+        self.decode = decode          # None, or fn(stored_on_device, dtype) -> logical weight
+        self.shape = tuple(shape)     # logical shape
+        self.nbytes = source.numel() * source.element_size()
+        self.slot = None
+        self.sig = None               # signature under which `view` holds valid contents
+        self.content = None           # what the slot holds: None = the source, else patch key
+        self.view = None
+        self.small = {}               # device -> resident copy, for tiny tensors
+        self.uses = 0
+        self.streams = 0
+
+
+class WeightStore:
+    """The weights of one model in one VBAR, in the order they were added (= priority)."""
+
+    def __init__(self, name, pool, page_size=None, small_bytes=SMALL_BYTES):
+        self.name = name
+        self.pool = pool              # None: no device allocator, every use streams
+        self.page_size = page_size
+        self.small_bytes = small_bytes
+        self.handles = []
+        self.by_key = {}
+        self.vbar = None
+        self.lock = threading.Lock()
+        self.device = pool.backend.device() if pool is not None else None
+
+    def add(self, key, source, decode=None, shape=None):
+        if self.vbar is not None:
+            raise RuntimeError(f"weight store '{self.name}' is built; add weights before build()")
+        if not isinstance(source, torch.Tensor):
+            raise TypeError(f"weight '{key}': source must be a tensor, got {type(source).__name__}")
+        h = WeightHandle(key, source, decode, shape if shape is not None else source.shape)
+        self.handles.append(h)
+        self.by_key[key] = h
+        return h
+
+    def build(self):
+        """Reserve the VBAR and give every large weight a slot, in the order added."""
+        if self.pool is None or self.vbar is not None:
+            return self
+        big = [h for h in self.handles if h.nbytes > self.small_bytes]
+        total = sum(h.nbytes + 512 for h in big)
+        if not total:
+            return self
+        self.vbar = self.pool.create_vbar(self.name, total + (1 << 20), page_size=self.page_size)
+        for h in big:
+            h.slot = self.vbar.alloc(h.nbytes, name=h.key)
+        return self
+
+    # --- the hot path ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, h, device, dtype, patches=None, patch_key=None):
+        """Yield the weight on ``device`` in ``dtype``, valid until the block exits.
+
+        ``patches``: functions applied to a private copy (LoRA and other ComfyUI patches). For a
+        resident, unquantized weight whose dtype matches, the patched result is kept in the slot
+        under ``patch_key`` and reused until the key or the signature changes.
+        """
+        h.uses += 1
+        device = torch.device(device)
+        slot = h.slot
+        if slot is None or device != self.device or self.vbar.closed:
+            yield self._stream(h, device, dtype, patches)
+            return
+        vbar = self.vbar
+        r = vbar.fault(slot)
+        if not r.ok:
+            h.streams += 1
+            yield self._stream(h, device, dtype, patches, count=False)
+            return
+        try:
+            view = h.view
+            if view is None:
+                view = h.view = vbar.tensor(slot, h.source.dtype, h.source.shape)
+            cacheable = patches and h.decode is None and dtype == h.source.dtype and patch_key is not None
+            want = patch_key if cacheable else None
+            if h.sig != r.signature or h.content != want:
+                view.copy_(h.source, non_blocking=True)
+                h.content = None
+                if cacheable:
+                    patched = _apply(patches, view.to(dtype, copy=True))
+                    view.copy_(patched)
+                    h.content = want
+                h.sig = r.signature
+            w = h.decode(view, dtype) if h.decode is not None else view.to(dtype)
+            if patches and not cacheable:
+                w = _apply(patches, w if w.data_ptr() != view.data_ptr() else w.clone())
+            yield w
+        finally:
+            vbar.unpin(slot)
+
+    def _stream(self, h, device, dtype, patches, count=True):
+        if count and h.slot is not None:
+            h.streams += 1
+        if h.slot is None and h.nbytes <= self.small_bytes and not patches:
+            w = h.small.get((device, dtype))
+            if w is None:
+                w = h.small[(device, dtype)] = self._materialize(h, device, dtype, copy=False)
+            return w
+        w = self._materialize(h, device, dtype, copy=bool(patches))
+        return _apply(patches, w) if patches else w
+
+    @staticmethod
+    def _materialize(h, device, dtype, copy):
+        src = h.source.to(device, non_blocking=True)
+        if h.decode is not None:
+            return h.decode(src, dtype)
+        if copy and src.data_ptr() == h.source.data_ptr() and src.dtype == dtype:
+            return src.clone()   # patches write in place: never into the file's mapping
+        return src.to(dtype)
+
+    # --- management -----------------------------------------------------------------------
+    def resident_bytes(self):
+        return 0 if self.vbar is None or self.vbar.closed else self.vbar.stats()["resident_bytes"]
+
+    def close(self):
+        if self.vbar is not None:
+            self.vbar.close()
+        for h in self.handles:
+            h.view = None
+            h.sig = None
+            h.small.clear()
+
+
+def _apply(patches, w):
+    for f in patches:
+        w = f(w)
+    return w
