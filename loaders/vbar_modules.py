@@ -122,11 +122,13 @@ def supported(module):
     return vbar_class(type(module)) is not None
 
 
-def vbarize(model, store, order=None):
+def vbarize(model, store, order=None, include=None):
     """Give every supported layer of ``model`` its weights through ``store``; build the store.
 
     ``order``: module names in execution order (first = highest priority); default is the
     model's registration order, which for diffusion models follows the forward pass.
+    ``include(name, module)``: which layers to convert (default all supported). A layer's
+    ``vbar_store_dtype`` attribute, if set, is the dtype its device copy holds.
     """
     named = dict(model.named_modules())
     names = list(order) if order is not None else list(named)
@@ -136,11 +138,15 @@ def vbarize(model, store, order=None):
         cls = vbar_class(type(m))
         if cls is None or isinstance(m, VbarLayer) and m._vbar_handles:
             continue
+        if include is not None and not include(name, m):
+            continue
         handles = {}
+        store_dtype = getattr(m, "vbar_store_dtype", None)
         for pname in ("weight", "bias"):
             p = m._parameters.get(pname)
             if p is not None:
-                handles[pname] = store.add(f"{name}.{pname}" if name else pname, p.detach())
+                handles[pname] = store.add(f"{name}.{pname}" if name else pname, p.detach(),
+                                           store_dtype=store_dtype)
         m.__class__ = cls
         m._vbar_store = store
         m._vbar_handles = handles

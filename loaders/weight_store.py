@@ -16,14 +16,16 @@ SMALL_BYTES = 64 << 10   # below this a weight simply lives on the device: pagin
 
 class WeightHandle:
     __slots__ = ("key", "source", "decode", "shape", "slot", "sig", "content", "view", "small",
-                 "nbytes", "uses", "streams")
+                 "nbytes", "uses", "streams", "store_dtype")
 
-    def __init__(self, key, source, decode, shape):
+    def __init__(self, key, source, decode, shape, store_dtype):
         self.key = key
         self.source = source          # host tensor: the stored bytes (packed for quantized)
         self.decode = decode          # None, or fn(stored_on_device, dtype) -> logical weight
         self.shape = tuple(shape)     # logical shape
-        self.nbytes = source.numel() * source.element_size()
+        # What the device copy holds: the model's weight dtype, as ComfyUI would convert at load.
+        self.store_dtype = store_dtype if decode is None and store_dtype is not None else source.dtype
+        self.nbytes = source.numel() * torch.empty((), dtype=self.store_dtype).element_size()
         self.slot = None
         self.sig = None               # signature under which `view` holds valid contents
         self.content = None           # what the slot holds: None = the source, else patch key
@@ -47,12 +49,12 @@ class WeightStore:
         self.lock = threading.Lock()
         self.device = pool.backend.device() if pool is not None else None
 
-    def add(self, key, source, decode=None, shape=None):
+    def add(self, key, source, decode=None, shape=None, store_dtype=None):
         if self.vbar is not None:
             raise RuntimeError(f"weight store '{self.name}' is built; add weights before build()")
         if not isinstance(source, torch.Tensor):
             raise TypeError(f"weight '{key}': source must be a tensor, got {type(source).__name__}")
-        h = WeightHandle(key, source, decode, shape if shape is not None else source.shape)
+        h = WeightHandle(key, source, decode, shape if shape is not None else source.shape, store_dtype)
         self.handles.append(h)
         self.by_key[key] = h
         return h
@@ -94,8 +96,8 @@ class WeightStore:
         try:
             view = h.view
             if view is None:
-                view = h.view = vbar.tensor(slot, h.source.dtype, h.source.shape)
-            cacheable = patches and h.decode is None and dtype == h.source.dtype and patch_key is not None
+                view = h.view = vbar.tensor(slot, h.store_dtype, h.source.shape)
+            cacheable = patches and h.decode is None and dtype == h.store_dtype and patch_key is not None
             want = patch_key if cacheable else None
             if h.sig != r.signature or h.content != want:
                 view.copy_(h.source, non_blocking=True)
@@ -128,6 +130,7 @@ class WeightStore:
         src = h.source.to(device, non_blocking=True)
         if h.decode is not None:
             return h.decode(src, dtype)
+        src = src.to(h.store_dtype)   # round through the stored dtype, exactly as a resident copy
         if copy and src.data_ptr() == h.source.data_ptr() and src.dtype == dtype:
             return src.clone()   # patches write in place: never into the file's mapping
         return src.to(dtype)

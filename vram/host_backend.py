@@ -40,7 +40,7 @@ class HostBackend(Backend):
 
     def __init__(self, page_size=None):
         self.granularity = mmap.PAGESIZE
-        self.default_page_size = page_size or (32 << 20)
+        self.default_page_size = page_size or (2 << 20)   # finer than CUDA: simulated cards are small
         self._c = _libc()
         self._populate = True
 

@@ -1,0 +1,147 @@
+"""Load checkpoints and diffusion models into VBAR-backed ComfyUI objects.
+
+The state dict comes from our own zero-copy safetensors reader; ComfyUI detects the model and
+builds it with our operations (nothing allocated, tensors adopted); then every layer's weight
+is given a VBAR slot in execution order and the ModelPatchers become VBAR-aware.
+"""
+import logging
+import os
+
+from .errors import ModelFileError
+from .safetensors_file import SafetensorsFile
+
+log = logging.getLogger("vbar")
+
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+
+
+def open_state_dict(path):
+    """(state dict of zero-copy views, metadata) for a .safetensors file; refuses pickles."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext in (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2"):
+        raise ModelFileError(path, f"'{ext}' files are Python pickles, which VBAR loaders never "
+                                   f"load (a pickle can run arbitrary code)",
+                             "Convert it to .safetensors, or use ComfyUI's stock loader")
+    f = SafetensorsFile(path)
+    return {k: f.get_tensor(k) for k in f.keys()}, f.metadata
+
+
+def _pool_for(device):
+    from ..vram import get_pool
+
+    return get_pool(str(device))
+
+
+def _check_supported(sd, path):
+    if any(k.endswith("scaled_fp8") for k in sd):
+        raise ModelFileError(path, "scaled-fp8 checkpoints are not supported by VBAR loaders yet",
+                             "Use ComfyUI's stock loader for this file, or a bf16/fp16 or GGUF version")
+
+
+def _is_adopting(m):
+    from .comfy_ops import AdoptingOp
+
+    return isinstance(m, AdoptingOp)
+
+
+def wrap_model(patcher, name):
+    """Move a diffusion model's layers behind a VBAR; returns the (same) patcher, adopted."""
+    from .comfy_patcher import adopt
+    from .vbar_modules import vbarize
+    from .weight_store import WeightStore
+
+    diffusion = patcher.model.diffusion_model
+    if not any(_is_adopting(m) for m in diffusion.modules()):
+        raise RuntimeError(f"{name}: ComfyUI built this model without VBAR operations "
+                           f"(unrecognised checkpoint?)")
+    store = WeightStore(name, _pool_for(patcher.load_device))
+    vbarize(diffusion, store, include=lambda n, m: _is_adopting(m))
+    return adopt(patcher, store)
+
+
+def wrap_clip(clip, name):
+    """Text encoders: every layer but the token embedding tables goes behind the VBAR.
+
+    ComfyUI runs a text encoder on the device its token embedding lives on, so those tables
+    stay ordinary tensors that follow the model to its device.
+    """
+    from .comfy_patcher import adopt
+    from .vbar_modules import vbarize
+    from .weight_store import WeightStore
+
+    model = clip.cond_stage_model
+    keep = set()
+    for m in model.modules():
+        get = getattr(m, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                keep.add(id(get()))
+            except Exception:  # noqa: BLE001 - encoders without the hook just skip it
+                pass
+    store = WeightStore(name, _pool_for(clip.patcher.load_device))
+    vbarize(model, store, include=lambda n, m: _is_adopting(m) and id(m) not in keep)
+    adopt(clip.patcher, store)
+    return clip
+
+
+def wrap_vae(vae, name):
+    """ComfyUI builds VAEs with fixed ops; their layers are converted after construction."""
+    from .comfy_patcher import adopt
+    from .vbar_modules import vbarize
+    from .weight_store import WeightStore
+
+    store = WeightStore(name, _pool_for(vae.patcher.load_device))
+    vbarize(vae.first_stage_model, store)
+    adopt(vae.patcher, store)
+    return vae
+
+
+def load_checkpoint(path, embedding_directory=None):
+    """MODEL, CLIP, VAE from a checkpoint, all three VBAR-backed."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from .comfy_ops import vbar_operations
+
+    sd, metadata = open_state_dict(path)
+    _check_supported(sd, path)
+    ops = vbar_operations()
+    te_options = {"custom_operations": ops,
+                  "initial_device": mm.text_encoder_offload_device()}
+    out = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+        model_options={"custom_operations": ops}, te_model_options=te_options, metadata=metadata)
+    if out is None:
+        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
+                             "Use the VBAR Diffusion Model Loader for diffusion-model-only files")
+    model, clip, vae = out[:3]
+    base = os.path.basename(str(path))
+    if model is not None:
+        wrap_model(model, base)
+    if clip is not None:
+        wrap_clip(clip, base + ":clip")
+    if vae is not None and getattr(vae, "first_stage_model", None) is not None:
+        wrap_vae(vae, base + ":vae")
+    return model, clip, vae
+
+
+def load_diffusion_model(path, weight_dtype="default"):
+    import comfy.sd
+    import torch
+
+    from .comfy_ops import vbar_operations
+
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}")
+    sd, metadata = open_state_dict(path)
+    _check_supported(sd, path)
+    options = {"custom_operations": vbar_operations()}
+    if weight_dtype.startswith("fp8_e4m3fn"):
+        options["dtype"] = torch.float8_e4m3fn   # "_fast" (fp8 matmul) computes as plain fp8 here
+    elif weight_dtype == "fp8_e5m2":
+        options["dtype"] = torch.float8_e5m2
+    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    if model is None:
+        raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
+                             "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
+    return wrap_model(model, os.path.basename(str(path)))

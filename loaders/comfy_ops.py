@@ -1,0 +1,77 @@
+"""ComfyUI ``operations`` whose layers are built without memory and adopt the file's tensors.
+
+ComfyUI constructs a model from an ``operations`` object (``model_options["custom_operations"]``).
+Ours builds every layer on the meta device, so construction allocates nothing, and takes the
+state dict's tensors (zero-copy views into the model file) as they are instead of copying them.
+``vbarize`` later moves those tensors behind the VBAR. Imports ComfyUI only when called.
+"""
+import torch
+
+OP_NAMES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "GroupNorm", "LayerNorm", "RMSNorm",
+            "ConvTranspose1d", "ConvTranspose2d", "Embedding")
+
+
+class AdoptingOp:
+    """Marker + behaviour mixed in front of a ComfyUI op class."""
+
+    vbar_store_dtype = None
+
+    def __init__(self, *args, **kwargs):
+        # The dtype ComfyUI asks for is what it would convert the weights to at load: the device
+        # copy will hold that dtype, so results match ComfyUI's own ops bit for bit.
+        self.vbar_store_dtype_init = kwargs.get("dtype")
+        kwargs["device"] = "meta"
+        super().__init__(*args, **kwargs)
+        self.vbar_store_dtype = self.vbar_store_dtype_init or torch.get_default_dtype()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in ("weight", "bias"):
+            current = self._parameters.get(name)
+            if current is None:
+                continue
+            t = state_dict.get(prefix + name)
+            if t is None:
+                # ComfyUI leaves missing weights uninitialised; a meta tensor would crash at use.
+                missing_keys.append(prefix + name)
+                t = torch.zeros(current.shape, dtype=self.vbar_store_dtype)
+            elif tuple(t.shape) != tuple(current.shape):
+                error_msgs.append(f"size mismatch for {prefix + name}: copying a param with shape "
+                                  f"{tuple(t.shape)} from checkpoint, the shape in current model is "
+                                  f"{tuple(current.shape)}.")
+                continue
+            self._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
+        for key in state_dict:
+            if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias") \
+                    and "." not in key[len(prefix):] and strict:
+                unexpected_keys.append(key)
+
+    def _apply(self, fn, recurse=True):
+        # Before loading the parameters are meta (nothing to move); after, they are the file's.
+        held = {n: p for n, p in self._parameters.items()
+                if p is not None and (p.is_meta or n in getattr(self, "_vbar_handles", ()))}
+        for n in held:
+            del self._parameters[n]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters.update(held)
+
+
+_ops = None
+
+
+def vbar_operations():
+    """The operations class to pass as ``custom_operations`` (built once, lazily)."""
+    global _ops
+    if _ops is None:
+        import comfy.ops
+
+        base = comfy.ops.manual_cast
+        attrs = {}
+        for name in OP_NAMES:
+            cls = getattr(base, name, None)
+            if cls is not None:
+                attrs[name] = type(name, (AdoptingOp, cls), {"__module__": __name__})
+        _ops = type("vbar_ops", (base,), attrs)
+    return _ops

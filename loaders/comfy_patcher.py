@@ -1,0 +1,132 @@
+"""A ModelPatcher for VBAR-backed models: ComfyUI's memory manager sees true numbers, never
+moves the weights itself, and frees memory by evicting pages.
+
+Weight patches (LoRA and friends) reach our layers the way ComfyUI's own low-VRAM mode applies
+them: a ``LowVramPatch`` per patched weight in the layer's ``weight_function`` list. Our layers
+apply them to a private copy after the fault and keep the result in the resident slot until the
+patch set (``patches_uuid``) changes.
+"""
+import logging
+import weakref
+
+log = logging.getLogger("vbar")
+_cls = None
+
+
+def stores_of(patcher):
+    return getattr(patcher.model, "_vbar_stores", [])
+
+
+def patcher_class():
+    global _cls
+    if _cls is not None:
+        return _cls
+    import comfy.model_patcher as mp
+
+    from .vbar_modules import VbarLayer
+
+    class VbarModelPatcher(mp.ModelPatcher):
+        def _vbar_managed(self):
+            return {f"{n}.{p}" for n, m in self.model.named_modules() if isinstance(m, VbarLayer)
+                    for p in m._vbar_handles}
+
+        def _other_bytes(self):
+            managed = self._vbar_managed()
+            return sum(t.numel() * t.element_size() for k, t in self.model.state_dict().items()
+                       if k not in managed)
+
+        def model_size(self):
+            # The bytes it takes to have the whole model resident, in the dtypes the device holds.
+            if getattr(self, "_vbar_size", None) is None:
+                self._vbar_size = self._other_bytes() + sum(
+                    h.nbytes for s in stores_of(self) for h in s.handles)
+            return self._vbar_size
+
+        def loaded_size(self):
+            resident = sum(s.resident_bytes() for s in stores_of(self))
+            if getattr(self.model, "device", None) == self.load_device:
+                resident += self._other_bytes()
+            # Pages are coarser than weights: never claim more than the model's size.
+            return min(resident, self.model_size())
+
+        def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False,
+                 full_load=False):
+            with self.use_ejected():
+                self.unpatch_hooks()
+                count = 0
+                for name, m in self.model.named_modules():
+                    if not isinstance(m, VbarLayer):
+                        continue
+                    lists = {"weight": [], "bias": []}
+                    for pname, lst in lists.items():
+                        key = f"{name}.{pname}"
+                        if key in self.patches:
+                            _, set_func, convert_func = mp.get_key_weight(self.model, key)
+                            lst.append(mp.LowVramPatch(key, self.patches, convert_func, set_func))
+                            count += 1
+                        lst.extend(self.weight_wrapper_patches.get(key, []))
+                    m.weight_function, m.bias_function = lists["weight"], lists["bias"]
+                    m.vbar_patch_key = self.patches_uuid if lists["weight"] or lists["bias"] else None
+                if device_to is not None:
+                    self.model.to(device_to)   # small tensors only: VBAR weights refuse to move
+                for s in stores_of(self):
+                    if s.vbar is not None and not s.vbar.closed:
+                        s.vbar.prioritize()
+                self.model.device = device_to
+                self.model.model_lowvram = True
+                self.model.lowvram_patch_counter = count
+                self.model.model_loaded_weight_memory = self.loaded_size()
+                self.model.current_weight_patches_uuid = self.patches_uuid
+                for callback in self.get_all_callbacks(mp.CallbacksMP.ON_LOAD):
+                    callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
+                self.apply_hooks(self.forced_hooks, force_apply=True)
+
+        def partially_unload(self, device_to, memory_to_free=0):
+            freed = 0
+            for s in reversed(stores_of(self)):
+                if freed >= memory_to_free:
+                    break
+                if s.vbar is not None and not s.vbar.closed:
+                    freed += s.vbar.free_memory(memory_to_free - freed)
+            self.model.model_loaded_weight_memory = self.loaded_size()
+            return freed
+
+        def detach(self, unpatch_all=True):
+            if unpatch_all:
+                # ComfyUI is unloading this model: give its pages back. (unpatch_all=False is
+                # another clone of the same weights taking over: the pages stay valid.)
+                for s in stores_of(self):
+                    if s.vbar is not None and not s.vbar.closed:
+                        s.vbar.free_memory(s.vbar.size)
+            return super().detach(unpatch_all)
+
+        def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
+            if key in self._vbar_managed():
+                return   # applied at fault time; writing it into the module would copy the model
+            return super().patch_weight_to_device(key, device_to, inplace_update)
+
+    _cls = VbarModelPatcher
+    return _cls
+
+
+def adopt(patcher, store):
+    """Turn a stock ModelPatcher into ours and tie ``store``'s lifetime to its model."""
+    cls = patcher_class()
+    patcher.__class__ = cls
+    patcher._vbar_size = None
+    module = patcher.model
+    stores = getattr(module, "_vbar_stores", None)
+    if stores is None:
+        stores = module._vbar_stores = []
+    stores.append(store)
+    weakref.finalize(module, store.close)
+    return patcher
+
+
+def dynamic_vram_active():
+    """True when a newer ComfyUI runs its own Dynamic VRAM (comfy-aimdo) manager."""
+    try:
+        import comfy.memory_management as mm
+    except ImportError:
+        return False
+    return getattr(mm, "aimdo_enabled", False) is True
