@@ -1,0 +1,53 @@
+"""Locate a real ComfyUI for integration tests; skip cleanly when there is none.
+
+COMFYUI_PATH: a ComfyUI checkout (required). COMFY_PYTHON: its interpreter (default
+<COMFYUI_PATH>/../venv/bin/python). COMFY_HARNESS: the harness folder (default ../shared/
+comfy_harness beside this repository). COMFY_HARNESS_MODELS: the tiny models (written if absent).
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def comfy_paths():
+    comfy = os.environ.get("COMFYUI_PATH")
+    if not comfy:
+        pytest.skip("COMFYUI_PATH not set: no real ComfyUI to test against")
+    if not os.path.isfile(os.path.join(comfy, "main.py")):
+        pytest.fail(f"COMFYUI_PATH={comfy} has no main.py")
+    harness = os.environ.get("COMFY_HARNESS") or str(ROOT.parent / "shared" / "comfy_harness")
+    if not os.path.isfile(os.path.join(harness, "harness.py")):
+        pytest.skip(f"comfy harness not found at {harness} (set COMFY_HARNESS)")
+    python = os.environ.get("COMFY_PYTHON") or os.path.join(os.path.dirname(os.path.abspath(comfy)),
+                                                            "venv", "bin", "python")
+    models = os.environ.get("COMFY_HARNESS_MODELS") or os.path.join(
+        os.path.dirname(os.path.abspath(comfy)), "models")
+    return comfy, harness, python, models
+
+
+def ensure_models(harness, python, models, comfy):
+    need = ["checkpoints/tiny_sd15.safetensors", "diffusion_models/tiny_flux.safetensors",
+            "vae/tiny_flux_ae.safetensors"]
+    if all(os.path.isfile(os.path.join(models, n)) for n in need):
+        return
+    env = dict(os.environ, COMFYUI_DIR=comfy, COMFY_HARNESS_MODELS=models)
+    subprocess.run([python, os.path.join(harness, "tiny_models.py")], check=True, env=env,
+                   cwd=harness, timeout=600)
+
+
+def start_server(harness, comfy, python, models, **kw):
+    sys.path.insert(0, harness)
+    from harness import ComfyServer
+
+    srv = ComfyServer(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python, **kw)
+    srv.start()
+    failures = [f for f in srv.import_failures() if ROOT.name in str(f) or str(ROOT) in str(f)]
+    if failures:
+        srv.stop()
+        raise AssertionError(f"custom node import failed: {failures}\n{srv.log_tail(80)}")
+    return srv
