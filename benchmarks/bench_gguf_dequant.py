@@ -1,0 +1,130 @@
+"""Throughput of GGUF dequantization to bfloat16, per quant type.
+
+Columns, all in GB/s of bf16 output and all measured in the same run:
+  ours     loaders/gguf_dequant.dequantize
+  ref      gguf-py's numpy reference (then converted to a bf16 torch tensor)
+  city96   ComfyUI-GGUF's dequant.py, best of its two dequant_dtype modes (bf16 math, or
+           fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file
+  memcpy   clone() of a bf16 tensor of the output's size (allocation included, as in ours)
+Each rep times every method once, in turn, so load from other processes hits all columns
+alike; the table shows medians.
+
+    python benchmarks/bench_gguf_dequant.py [--quick] [--reps N] [--types Q8_0,Q4_K]
+"""
+import argparse
+import importlib.util
+import os
+import pathlib
+import statistics
+import sys
+import time
+import types
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import conftest  # noqa: E402,F401  (registers the vbar_loaders alias)
+from vbar_loaders.loaders.gguf_dequant import QTYPE_BLOCK, dequantize  # noqa: E402
+
+FLOATS = (QT.F32, QT.F16, QT.BF16)
+F16_FIELDS = {
+    QT.Q8_0: (0,), QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2),
+    QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+    QT.IQ4_NL: (0,), QT.IQ4_XS: (0,),
+}
+
+
+def load_city96():
+    path = os.environ.get("CITY96_GGUF_PATH")
+    if not path:
+        return None
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "dequant.py"
+    if "tqdm" not in sys.modules:  # it only uses tqdm.write for a log line
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            sys.modules["tqdm"] = types.SimpleNamespace(tqdm=types.SimpleNamespace(write=print))
+    spec = importlib.util.spec_from_file_location("city96_dequant", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_raw(qt, rows, cols, rng):
+    if qt in FLOATS:
+        x = rng.standard_normal((rows, cols), dtype=np.float32)
+        return gguf.quants.quantize(x, qt).view(np.uint8).reshape(rows, -1)
+    bs, ts = GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, size=(rows * cols // bs, ts), dtype=np.uint8)
+    for off in F16_FIELDS[qt]:
+        raw[:, off:off + 2] = rng.normal(0, 0.5, (raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def methods(qt, raw_np, shape, city):
+    raw = torch.from_numpy(raw_np)
+    out = {
+        "ours": lambda: dequantize(raw, qt, shape, torch.bfloat16),
+        "ref": lambda: torch.from_numpy(gguf.quants.dequantize(raw_np, qt)).to(torch.bfloat16),
+    }
+    if city is not None and qt in city.dequantize_functions:
+        def c96(dt):
+            return lambda: city.dequantize(raw, qt, shape, dtype=dt).to(torch.bfloat16)
+        out["city96"] = c96(torch.bfloat16)
+        out["city96/fp16"] = c96(None)
+    src = torch.empty(shape, dtype=torch.bfloat16).normal_()
+    out["memcpy"] = src.clone
+    return out
+
+
+def measure(fns, reps):
+    times = {k: [] for k in fns}
+    results = {k: f() for k, f in fns.items()}  # warm-up, and kept for a sanity check
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}, results
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one rep (smoke test)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--types", default=",".join(q.name for q in QTYPE_BLOCK))
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [(64, 512), (64, 1024)] if args.quick else [(3072, 3072), (3072, 12288)]
+    reps = 1 if args.quick else args.reps
+    city = load_city96()
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {reps} reps; "
+          f"city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
+    hdr = (f"{'type':7} {'shape':>11} {'ours':>7} {'ref':>7} {'city96':>7} {'memcpy':>7} "
+           f"{'ours/ref':>9} {'ours/c96':>9} {'ours/memcpy':>12}")
+    print(hdr)
+    print("-" * len(hdr))
+    for name in args.types.split(","):
+        qt = QT[name]
+        for rows, cols in shapes:
+            raw = make_raw(qt, rows, cols, rng)
+            t, res = measure(methods(qt, raw, (rows, cols), city), reps)
+            if not torch.equal(res["ours"], res["ref"]):
+                raise SystemExit(f"{name}: result differs from the gguf reference")
+            gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}
+            c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0)) or float("nan")
+            print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96:7.2f} "
+                  f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {gbs['ours'] / c96:8.2f}x "
+                  f"{gbs['ours'] / gbs['memcpy']:11.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
