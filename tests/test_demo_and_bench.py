@@ -1,0 +1,63 @@
+"""demo.py and benchmarks/bench_vram.py run as a user would run them, in subprocesses."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=300):
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_demo_small_model_matches_plain_torch_and_reports():
+    rc, out, err = run(ROOT / "demo.py", "--layers", "2", "--width", "256", "--steps", "2")
+    assert rc == 0, out + err
+    assert re.search(r"^OK: 2 steps, outputs equal to plain torch", out, re.M), out
+    # pool counters, one row per step, with every column the brief asks for
+    for col in ("budget MiB", "resident MiB", "peak MiB", "hits", "misses", "offloaded",
+                "watermark_fails", "evictions", "mapped MiB", "unmapped MiB"):
+        assert col in out, col
+    assert re.search(r"^1 +\d+ ", out, re.M) and re.search(r"^2 +\d+ ", out, re.M), out
+    # residency table and bar map; the default holds block 0 (hold() is its first fault) and
+    # half the weights fit
+    assert re.search(r"^blocks\.0\.fc1\.weight +[\d.]+ +held +3 +0$", out, re.M), out
+    assert re.search(r"^emb\.weight +[\d.]+ +resident ", out, re.M), out
+    assert re.search(r"^head\.weight +[\d.]+ +streamed +2 +2$", out, re.M), out
+    m = re.search(r"^map: \[([H#.]+)\]", out, re.M)
+    assert m and m.group(1).startswith("#HHHH") and m.group(1).endswith("."), out
+
+
+def test_demo_explicit_budget_and_no_hold():
+    rc, out, err = run(ROOT / "demo.py", "--layers", "1", "--width", "128", "--steps", "1",
+                       "--hold", "0", "--budget", "64M")
+    assert rc == 0, out + err
+    assert "budget 64.0 MiB" in out
+    m = re.search(r"^map: \[([H#.]+)\]", out, re.M)
+    assert m and set(m.group(1)) == {"#"}, out   # everything fits
+
+
+def test_demo_hold_that_cannot_fit_is_refused_cleanly():
+    rc, out, err = run(ROOT / "demo.py", "--layers", "2", "--width", "256", "--steps", "1",
+                       "--budget", "1M")
+    assert rc == 2, out + err
+    assert "cannot hold" in out and "raise the budget" in out
+    assert "Traceback" not in err
+
+
+def test_bench_vram_quick():
+    rc, out, err = run(ROOT / "benchmarks" / "bench_vram.py", "--quick")
+    assert rc == 0, out + err
+    hit = re.search(r"^hit: fault\+unpin, 1-page slot \(us\) +([\d.]+) +<= 3 +(PASS|MISS)", out, re.M)
+    assert hit, out
+    assert float(hit.group(1)) > 0
+    assert re.search(r"^miss: fault after eviction, 2 MiB pages \(us/MiB\) +[\d.]+", out, re.M), out
+    res = re.search(r"^reserve 100 GiB VBAR, 32 MiB pages \(ms\) +([\d.]+) +< 1 +(PASS|MISS)", out, re.M)
+    assert res, out
+    assert re.search(r"^  address space reserved \(GiB\) +100\.0", out, re.M), out
+    assert re.search(r"^goals: ", out, re.M), out
