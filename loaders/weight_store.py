@@ -16,7 +16,7 @@ SMALL_BYTES = 64 << 10   # below this a weight simply lives on the device: pagin
 
 class WeightHandle:
     __slots__ = ("key", "source", "decode", "shape", "slot", "sig", "content", "view", "small",
-                 "nbytes", "uses", "streams", "store_dtype")
+                 "nbytes", "uses", "streams", "store_dtype", "held")
 
     def __init__(self, key, source, decode, shape, store_dtype):
         self.key = key
@@ -33,6 +33,7 @@ class WeightHandle:
         self.small = {}               # device -> resident copy, for tiny tensors
         self.uses = 0
         self.streams = 0
+        self.held = False             # pinned resident for the model's lifetime (block pinning)
 
 
 class WeightStore:
@@ -49,28 +50,54 @@ class WeightStore:
         self.lock = threading.Lock()
         self.device = pool.backend.device() if pool is not None else None
 
-    def add(self, key, source, decode=None, shape=None, store_dtype=None):
+    def add(self, key, source, decode=None, shape=None, store_dtype=None, hold=False):
         if self.vbar is not None:
             raise RuntimeError(f"weight store '{self.name}' is built; add weights before build()")
         if not isinstance(source, torch.Tensor):
             raise TypeError(f"weight '{key}': source must be a tensor, got {type(source).__name__}")
         h = WeightHandle(key, source, decode, shape if shape is not None else source.shape, store_dtype)
+        h.held = hold
         self.handles.append(h)
         self.by_key[key] = h
         return h
 
     def build(self):
-        """Reserve the VBAR and give every large weight a slot, in the order added."""
-        if self.pool is None or self.vbar is not None:
+        """Reserve the VBAR and give every large weight a slot: held weights first (highest
+        priority, never evicted), then the rest in the order added.
+
+        Raises vram.BudgetExceeded, naming the MB needed, if the held weights do not fit."""
+        if self.vbar is not None:
             return self
-        big = [h for h in self.handles if h.nbytes > self.small_bytes]
+        held = [h for h in self.handles if h.held]
+        if self.pool is None:
+            if held:
+                raise RuntimeError(f"{self.name}: cannot keep blocks resident without a VBAR "
+                                   f"allocator for this device (see the log for why)")
+            return self
+        big = [h for h in self.handles if h.nbytes > self.small_bytes or h.held]
+        big = [h for h in big if h.held] + [h for h in big if not h.held]
         total = sum(h.nbytes + 512 for h in big)
         if not total:
             return self
         self.vbar = self.pool.create_vbar(self.name, total + (1 << 20), page_size=self.page_size)
         for h in big:
             h.slot = self.vbar.alloc(h.nbytes, name=h.key)
+        need = sum(h.nbytes for h in held)
+        try:
+            for h in held:
+                self.vbar.hold(h.slot)
+        except Exception as e:
+            self.close()
+            from ..vram import BudgetExceeded
+
+            raise BudgetExceeded(
+                f"{self.name}: the pinned blocks need {need / 2**20:.0f} MiB resident but the VRAM "
+                f"budget is {self.pool.budget() / 2**20:.0f} MiB ({e}). Pin fewer blocks or raise "
+                f"the budget") from e
         return self
+
+    def held_bytes(self):
+        return sum(h.nbytes for h in self.handles if h.held)
 
     # --- the hot path ---------------------------------------------------------------------
     @contextlib.contextmanager

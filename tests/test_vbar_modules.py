@@ -188,3 +188,36 @@ def test_no_pool_streams_everything():
         ref = m(x)
         vbarize(m, WeightStore("m", None))
         assert torch.equal(m(x), ref)
+
+
+def test_held_weights_stay_resident_under_pressure():
+    torch.manual_seed(0)
+    model = Block().eval()
+    pool = Pool(HostBackend(), budget=model.fc1.weight.numel() * 4 + 4 * PAGE)
+    store = WeightStore("m", pool, page_size=PAGE)
+    other = store.add("fc2.weight", model.fc2.weight.detach())
+    held = store.add("fc1.weight", model.fc1.weight.detach(), hold=True)
+    store.build()
+    assert held.slot.held and held.slot.offset == 0       # held weights are allocated first
+    with torch.no_grad():
+        for _ in range(3):
+            with store.use(other, "cpu", torch.float32) as t:
+                assert torch.equal(t, model.fc2.weight)
+            with store.use(held, "cpu", torch.float32) as t:
+                assert torch.equal(t, model.fc1.weight)
+    st = store.vbar.stats()
+    assert st["held_bytes"] == held.nbytes and st["offloaded"] == 3
+    states = {n: state for n, _, state in store.vbar.slot_states()}
+    assert states == {"fc1.weight": "held", "fc2.weight": "streamed"}
+    store.close()
+
+
+def test_held_weights_that_cannot_fit_name_the_megabytes():
+    from vbar_loaders.vram import BudgetExceeded
+
+    pool = Pool(HostBackend(), budget=2 * PAGE)
+    s = WeightStore("nf4-model", pool, page_size=PAGE)
+    s.add("double_blocks.0.w", torch.zeros(1 << 20), hold=True)
+    with pytest.raises(BudgetExceeded, match=r"need 4 MiB.*Pin fewer blocks"):
+        s.build()
+    assert pool.stats()["reserved_bytes"] == 0
