@@ -134,6 +134,25 @@ def _spy(name):
     setattr(torch.cuda, name, spy)
 for _n in ("_lazy_init", "init"):
     _spy(_n)
+# torch itself imports cuda.bindings when cuda-python is installed (torch/cuda/_utils.py), and
+# ComfyUI imports torch before any custom node: only what the pack adds counts, and an import
+# statement of the pack's own is caught even when the module is already loaded.
+before = set(sys.modules)
+import builtins, importlib
+cuda_imports = []
+def _note(name, depth):
+    if name == "cuda" or name.startswith("cuda."):
+        f = sys._getframe(depth)
+        cuda_imports.append(f"{f.f_code.co_filename}:{f.f_lineno} imports {name}")
+_orig_import, _orig_import_module = builtins.__import__, importlib.import_module
+def _import(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0:
+        _note(name, 2)
+    return _orig_import(name, globals, locals, fromlist, level)
+def _import_module(name, package=None):
+    _note(name, 2)
+    return _orig_import_module(name, package)
+builtins.__import__, importlib.import_module = _import, _import_module
 # ComfyUI loads a custom node by its folder name, which holds a hyphen here.
 spec = importlib.util.spec_from_file_location(
     "vbar-loaders", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
@@ -144,9 +163,13 @@ try:
 except ModuleNotFoundError as e:
     print(json.dumps({"missing": e.name, "error": repr(e)}))
     sys.exit(0)
+finally:
+    builtins.__import__, importlib.import_module = _orig_import, _orig_import_module
 ours = [c for c in init_calls if any(f.startswith(root + os.sep) for f in c)]
 print(json.dumps({
-    "cuda_modules": sorted(m for m in sys.modules if m == "cuda" or m.startswith("cuda.")),
+    "cuda_modules": sorted(m for m in set(sys.modules) - before
+                           if m == "cuda" or m.startswith("cuda.")),
+    "cuda_imports_from_pack": [c for c in cuda_imports if c.startswith(root + os.sep)],
     "cuda_initialized": torch.cuda.is_initialized(),
     "init_calls_from_pack": ours,
     "exports": {k: type(getattr(mod, k, None)).__name__
@@ -172,6 +195,8 @@ def test_root_import_touches_no_gpu():
     res = json.loads(p.stdout.strip().splitlines()[-1])
     if "missing" in res:
         top = (res["missing"] or "").split(".")[0]
+        if top == "cuda":
+            pytest.fail(f"importing the pack imports cuda-python ({res['error']}): load it lazily")
         if top in COMFYUI_MODULES:
             pytest.skip(f"root __init__.py imports ComfyUI's `{res['missing']}` at import time; "
                         f"set COMFYUI_PATH to a ComfyUI checkout to run this test")
@@ -179,6 +204,8 @@ def test_root_import_touches_no_gpu():
                     f"{res['error']}")
     assert res["cuda_modules"] == [], \
         f"importing the pack imported cuda-python ({res['cuda_modules']}): load it lazily"
+    assert res["cuda_imports_from_pack"] == [], \
+        f"importing the pack imported cuda-python: {res['cuda_imports_from_pack']}: load it lazily"
     assert res["init_calls_from_pack"] == [], \
         f"importing the pack initialised CUDA: {res['init_calls_from_pack'][0][-6:]}"
     assert res["cuda_initialized"] is False
