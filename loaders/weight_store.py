@@ -39,8 +39,11 @@ class WeightHandle:
 class WeightStore:
     """The weights of one model in one VBAR, in the order they were added (= priority)."""
 
-    def __init__(self, name, pool, page_size=None, small_bytes=SMALL_BYTES):
+    def __init__(self, name, pool, page_size=None, small_bytes=SMALL_BYTES, copy_streams=False):
         self.name = name
+        # On the host backend a streamed weight can be read in place from the file mapping; a
+        # benchmark that simulates a GPU sets this to pay for the transfer a device would make.
+        self.copy_streams = copy_streams
         self.pool = pool              # None: no device allocator, every use streams
         self.page_size = page_size
         self.small_bytes = small_bytes
@@ -149,12 +152,12 @@ class WeightStore:
             if w is None:
                 w = h.small[(device, dtype)] = self._materialize(h, device, dtype, copy=False)
             return w
-        w = self._materialize(h, device, dtype, copy=bool(patches))
+        w = self._materialize(h, device, dtype, copy=bool(patches), transfer=self.copy_streams)
         return _apply(patches, w) if patches else w
 
     @staticmethod
-    def _materialize(h, device, dtype, copy):
-        src = h.source.to(device, non_blocking=True)
+    def _materialize(h, device, dtype, copy, transfer=False):
+        src = h.source.to(device, non_blocking=True, copy=transfer)
         if h.decode is not None:
             return h.decode(src, dtype)
         src = src.to(h.store_dtype)   # round through the stored dtype, exactly as a resident copy
