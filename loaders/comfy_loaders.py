@@ -17,13 +17,20 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 
 def open_state_dict(path):
     """(state dict of zero-copy views, metadata) for a .safetensors file; refuses pickles."""
+    sd, metadata, _ = open_checked(path)
+    return sd, metadata
+
+
+def open_checked(path):
+    """Like open_state_dict, plus ``check(key)``: raises FileChangedError if the file changed."""
     ext = os.path.splitext(str(path))[1].lower()
     if ext in (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pt2"):
         raise ModelFileError(path, f"'{ext}' files are Python pickles, which VBAR loaders never "
                                    f"load (a pickle can run arbitrary code)",
                              "Convert it to .safetensors, or use ComfyUI's stock loader")
     f = SafetensorsFile(path)
-    return {k: f.get_tensor(k) for k in f.keys()}, f.metadata
+    sd = {k: f.get_tensor(k) for k in f.keys()}
+    return sd, f.metadata, f.check_unchanged
 
 
 def _pool_for(device):
@@ -44,7 +51,7 @@ def _is_adopting(m):
     return isinstance(m, AdoptingOp)
 
 
-def wrap_model(patcher, name):
+def wrap_model(patcher, name, source_check=None):
     """Move a diffusion model's layers behind a VBAR; returns the (same) patcher, adopted."""
     from .comfy_patcher import adopt
     from .vbar_modules import vbarize
@@ -54,12 +61,12 @@ def wrap_model(patcher, name):
     if not any(_is_adopting(m) for m in diffusion.modules()):
         raise RuntimeError(f"{name}: ComfyUI built this model without VBAR operations "
                            f"(unrecognised checkpoint?)")
-    store = WeightStore(name, _pool_for(patcher.load_device))
+    store = WeightStore(name, _pool_for(patcher.load_device), source_check=source_check)
     vbarize(diffusion, store, include=lambda n, m: _is_adopting(m))
     return adopt(patcher, store)
 
 
-def wrap_clip(clip, name):
+def wrap_clip(clip, name, source_check=None):
     """Text encoders: every layer but the token embedding tables goes behind the VBAR.
 
     ComfyUI runs a text encoder on the device its token embedding lives on, so those tables
@@ -78,19 +85,19 @@ def wrap_clip(clip, name):
                 keep.add(id(get()))
             except Exception:  # noqa: BLE001 - encoders without the hook just skip it
                 pass
-    store = WeightStore(name, _pool_for(clip.patcher.load_device))
+    store = WeightStore(name, _pool_for(clip.patcher.load_device), source_check=source_check)
     vbarize(model, store, include=lambda n, m: _is_adopting(m) and id(m) not in keep)
     adopt(clip.patcher, store)
     return clip
 
 
-def wrap_vae(vae, name):
+def wrap_vae(vae, name, source_check=None):
     """ComfyUI builds VAEs with fixed ops; their layers are converted after construction."""
     from .comfy_patcher import adopt
     from .vbar_modules import vbarize
     from .weight_store import WeightStore
 
-    store = WeightStore(name, _pool_for(vae.patcher.load_device))
+    store = WeightStore(name, _pool_for(vae.patcher.load_device), source_check=source_check)
     vbarize(vae.first_stage_model, store)
     adopt(vae.patcher, store)
     return vae
@@ -103,7 +110,7 @@ def load_checkpoint(path, embedding_directory=None):
 
     from .comfy_ops import vbar_operations
 
-    sd, metadata = open_state_dict(path)
+    sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
     ops = vbar_operations()
     te_options = {"custom_operations": ops,
@@ -117,9 +124,9 @@ def load_checkpoint(path, embedding_directory=None):
     model, clip, vae = out[:3]
     base = os.path.basename(str(path))
     if model is not None:
-        wrap_model(model, base)
+        wrap_model(model, base, source_check=check)
     if clip is not None:
-        wrap_clip(clip, base + ":clip")
+        wrap_clip(clip, base + ":clip", source_check=check)
     if vae is not None and getattr(vae, "first_stage_model", None) is not None:
         wrap_vae(vae, base + ":vae")
     return model, clip, vae
@@ -133,7 +140,7 @@ def load_diffusion_model(path, weight_dtype="default"):
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}")
-    sd, metadata = open_state_dict(path)
+    sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
     options = {"custom_operations": vbar_operations()}
     if weight_dtype.startswith("fp8_e4m3fn"):
@@ -144,4 +151,4 @@ def load_diffusion_model(path, weight_dtype="default"):
     if model is None:
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
-    return wrap_model(model, os.path.basename(str(path)))
+    return wrap_model(model, os.path.basename(str(path)), source_check=check)

@@ -92,7 +92,25 @@ class VbarLayer:
     _vbar_forward = None
 
     def forward(self, *args, **kwargs):
-        return type(self)._vbar_forward(self, *args, **kwargs)
+        try:
+            return type(self)._vbar_forward(self, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            pool = self._vbar_store.pool
+            if pool is None:
+                raise
+            # Our resident pages are the one thing we can give back: free what is unpinned,
+            # let the caching allocator return it, and try once more.
+            freed = pool.make_room(pool.budget())
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                return type(self)._vbar_forward(self, *args, **kwargs)
+            except torch.OutOfMemoryError as e:
+                raise torch.OutOfMemoryError(
+                    f"out of memory in layer {type(self).__name__} even after freeing "
+                    f"{freed / 2**20:.0f} MiB of resident weights. Lower the VBAR budget (VBAR Set "
+                    f"Budget node or VBAR_BUDGET), raise its headroom, or use a smaller batch or "
+                    f"resolution. ({e})") from e
 
     def _apply(self, fn, recurse=True):
         # Weights live in the VBAR or the file mapping; .to()/.half() must not copy them.

@@ -39,8 +39,12 @@ class WeightHandle:
 class WeightStore:
     """The weights of one model in one VBAR, in the order they were added (= priority)."""
 
-    def __init__(self, name, pool, page_size=None, small_bytes=SMALL_BYTES, copy_streams=False):
+    def __init__(self, name, pool, page_size=None, small_bytes=SMALL_BYTES, copy_streams=False,
+                 source_check=None):
         self.name = name
+        # Called before any read of the sources (never on a hit): a file truncated or replaced
+        # under its mapping must give a clear error, not SIGBUS on the next page touched.
+        self.source_check = source_check
         # On the host backend a streamed weight can be read in place from the file mapping; a
         # benchmark that simulates a GPU sets this to pay for the transfer a device would make.
         self.copy_streams = copy_streams
@@ -130,6 +134,9 @@ class WeightStore:
             cacheable = patches and h.decode is None and dtype == h.store_dtype and patch_key is not None
             want = patch_key if cacheable else None
             if h.sig != r.signature or h.content != want:
+                h.sig = None
+                if self.source_check is not None:
+                    self.source_check(h.key)
                 view.copy_(h.source, non_blocking=True)
                 h.content = None
                 if cacheable:
@@ -147,6 +154,8 @@ class WeightStore:
     def _stream(self, h, device, dtype, patches, count=True):
         if count and h.slot is not None:
             h.streams += 1
+        if self.source_check is not None:
+            self.source_check(h.key)
         if h.slot is None and h.nbytes <= self.small_bytes and not patches:
             w = h.small.get((device, dtype))
             if w is None:
