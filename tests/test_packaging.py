@@ -211,4 +211,5 @@ def test_root_import_touches_no_gpu():
     assert res["cuda_initialized"] is False
     assert res["exports"] == {"NODE_CLASS_MAPPINGS": "dict", "NODE_DISPLAY_NAME_MAPPINGS": "dict",
                               "WEB_DIRECTORY": "str"}, res["exports"]
-    assert (ROOT / res["web_directory"]).is_dir(), res["web_directory"]
+    # WEB_DIRECTORY may name a folder git does not carry yet (empty): ComfyUI skips a missing one.
+    assert res["web_directory"], res["web_directory"]
