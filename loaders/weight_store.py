@@ -45,6 +45,7 @@ class WeightStore:
         # Called before any read of the sources (never on a hit): a file truncated or replaced
         # under its mapping must give a clear error, not SIGBUS on the next page touched.
         self.source_check = source_check
+        self.prefetcher = None
         # On the host backend a streamed weight can be read in place from the file mapping; a
         # benchmark that simulates a GPU sets this to pay for the transfer a device would make.
         self.copy_streams = copy_streams
@@ -117,16 +118,20 @@ class WeightStore:
         """
         h.uses += 1
         device = torch.device(device)
+        ready = self.prefetcher.arrive(h) if self.prefetcher is not None else None
         slot = h.slot
-        if slot is None or device != self.device or self.vbar.closed:
-            yield self._stream(h, device, dtype, patches)
-            return
         vbar = self.vbar
-        r = vbar.fault(slot)
-        if not r.ok:
-            h.streams += 1
-            yield self._stream(h, device, dtype, patches, count=False)
+        if ready is not None and ready.fault is not None:
+            r = ready.fault          # pinned by the prefetch: this use owns that pin now
+        elif slot is None or device != self.device or vbar.closed:
+            yield self._stream(h, device, dtype, patches, temp=ready and ready.temp)
             return
+        else:
+            r = vbar.fault(slot)
+            if not r.ok:
+                h.streams += 1
+                yield self._stream(h, device, dtype, patches, count=False, temp=ready and ready.temp)
+                return
         try:
             view = h.view
             if view is None:
@@ -151,9 +156,14 @@ class WeightStore:
         finally:
             vbar.unpin(slot)
 
-    def _stream(self, h, device, dtype, patches, count=True):
+    def _stream(self, h, device, dtype, patches, count=True, temp=None):
         if count and h.slot is not None:
             h.streams += 1
+        if temp is not None:           # transferred ahead of time by the prefetcher
+            w = h.decode(temp, dtype) if h.decode is not None else temp.to(h.store_dtype).to(dtype)
+            if patches:
+                w = _apply(patches, w if w.data_ptr() != temp.data_ptr() else w.clone())
+            return w
         if self.source_check is not None:
             self.source_check(h.key)
         if h.slot is None and h.nbytes <= self.small_bytes and not patches:
@@ -175,10 +185,28 @@ class WeightStore:
         return src.to(dtype)
 
     # --- management -----------------------------------------------------------------------
+    def enable_prefetch(self, depth=1):
+        """Prepare the next ``depth`` weights while the current layer computes (0 = off)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        if depth > 0 and self.pool is not None:
+            from .prefetch import Prefetcher
+
+            self.prefetcher = Prefetcher(self, depth)
+        return self
+
+    def prefetch_stats(self):
+        p = self.prefetcher
+        return {"prefetch_hits": p.hits if p else 0, "prefetch_wasted": p.wasted if p else 0}
+
     def resident_bytes(self):
         return 0 if self.vbar is None or self.vbar.closed else self.vbar.stats()["resident_bytes"]
 
     def close(self):
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
         if self.vbar is not None:
             self.vbar.close()
         for h in self.handles:
