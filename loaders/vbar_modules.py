@@ -146,7 +146,8 @@ def vbarize(model, store, order=None, include=None):
     ``order``: module names in execution order (first = highest priority); default is the
     model's registration order, which for diffusion models follows the forward pass.
     ``include(name, module)``: which layers to convert (default all supported). A layer's
-    ``vbar_store_dtype`` attribute, if set, is the dtype its device copy holds.
+    ``vbar_store_dtype`` attribute, if set, is the dtype its device copy holds; ``vbar_hold``
+    and ``vbar_sources`` are loader hooks (see below).
     """
     named = dict(model.named_modules())
     names = list(order) if order is not None else list(named)
@@ -160,11 +161,18 @@ def vbarize(model, store, order=None, include=None):
             continue
         handles = {}
         store_dtype = getattr(m, "vbar_store_dtype", None)
+        # Loader hooks: `vbar_hold` pins the layer resident (Flux block pinning);
+        # `vbar_sources[pname](store, key, hold) -> handle` adds a quantized weight's stored
+        # bytes (and decode) in place of the parameter, which then only describes its shape.
+        hold = bool(getattr(m, "vbar_hold", False))
+        sources = getattr(m, "vbar_sources", None) or {}
         for pname in ("weight", "bias"):
             p = m._parameters.get(pname)
             if p is not None:
-                handles[pname] = store.add(f"{name}.{pname}" if name else pname, p.detach(),
-                                           store_dtype=store_dtype)
+                key = f"{name}.{pname}" if name else pname
+                add = sources.get(pname)
+                handles[pname] = (add(store, key, hold) if add is not None else
+                                  store.add(key, p.detach(), store_dtype=store_dtype, hold=hold))
         m.__class__ = cls
         m._vbar_store = store
         m._vbar_handles = handles
