@@ -61,3 +61,11 @@ def test_bench_vram_quick():
     assert res, out
     assert re.search(r"^  address space reserved \(GiB\) +100\.0", out, re.M), out
     assert re.search(r"^goals: ", out, re.M), out
+
+
+def test_perf_suite_runs_at_tiny_sizes():
+    rc, out, err = run(ROOT / "benchmarks" / "perf_suite.py", "--quick", timeout=600)
+    assert rc == 0, out[-3000:] + err[-3000:]
+    for label in ("P1+P3", "P2", "P4", "P5", "P6"):
+        assert f"--- {label} took" in out and "(exit 0)" in out
+    assert "prefetch/bound" in out and "load: ours / load_file" in out
