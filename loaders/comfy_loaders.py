@@ -39,6 +39,16 @@ def _pool_for(device):
     return get_pool(str(device))
 
 
+def prefetch_depth():
+    """Weights prepared ahead of use (VBAR_PREFETCH, default 1; 0 turns prefetch off)."""
+    raw = os.environ.get("VBAR_PREFETCH", "1")
+    try:
+        depth = int(raw)
+    except ValueError:
+        raise ValueError(f"VBAR_PREFETCH={raw!r}: use a whole number of layers (0 = off)")
+    return max(0, depth)
+
+
 def _check_supported(sd, path):
     if any(k.endswith("scaled_fp8") for k in sd):
         raise ModelFileError(path, "scaled-fp8 checkpoints are not supported by VBAR loaders yet",
@@ -63,6 +73,7 @@ def wrap_model(patcher, name, source_check=None):
                            f"(unrecognised checkpoint?)")
     store = WeightStore(name, _pool_for(patcher.load_device), source_check=source_check)
     vbarize(diffusion, store, include=lambda n, m: _is_adopting(m))
+    store.enable_prefetch(prefetch_depth())
     return adopt(patcher, store)
 
 

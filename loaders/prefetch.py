@@ -62,6 +62,7 @@ class Prefetcher:
             upcoming.append(n)
         for other in [o for o in self.pending if o not in upcoming]:
             self.wasted += 1
+            self._count("prefetch_wasted")
             self.q.put(("release", self.pending.pop(other)))
         for n in upcoming:
             if n not in self.pending and self._worth_it(n):
@@ -76,7 +77,13 @@ class Prefetcher:
         if item.event is not None:
             torch.cuda.current_stream(self.store.device).wait_event(item.event)
         self.hits += 1
+        self._count("prefetch_hits")
         return item
+
+    def _count(self, name):
+        vbar = self.store.vbar
+        if vbar is not None:
+            setattr(vbar.counters, name, getattr(vbar.counters, name) + 1)
 
     def _worth_it(self, h):
         if h.slot is not None:
@@ -141,23 +148,24 @@ class Prefetcher:
         if not self.cuda:
             dst.copy_(src)
             return
-        staging = self._stage(src)
+        n = src.numel() * src.element_size()
+        buf = self._stage(src, n)
         with torch.cuda.stream(self.side):
-            dst.copy_(staging, non_blocking=True)
+            dst.copy_(buf.view(src.dtype).view(src.shape), non_blocking=True)
             p.event = torch.cuda.Event()
             p.event.record(self.side)
-        self._staging[staging.numel()] = (staging, p.event)
+        self._staging[n] = (buf, p.event)
 
-    def _stage(self, src):
-        """A pinned host buffer holding ``src``: only pinned memory copies asynchronously."""
-        n = src.numel() * src.element_size()
+    def _stage(self, src, n):
+        """A pinned host buffer (uint8, ``n`` bytes) holding ``src``: only pinned memory copies
+        asynchronously. One buffer per size, reused once its last transfer has finished."""
         buf, ev = self._staging.pop(n, (None, None))
         if ev is not None:
-            ev.synchronize()      # its last transfer must finish before we overwrite it
+            ev.synchronize()
         if buf is None:
             buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         buf.copy_(src.reshape(-1).view(torch.uint8))
-        return buf.view(src.dtype).view(src.shape)
+        return buf
 
     def _release(self, p):
         if p.fault is not None and self.store.vbar is not None and not self.store.vbar.closed:

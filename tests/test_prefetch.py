@@ -40,6 +40,7 @@ def test_outputs_equal_with_prefetch(fraction, copy_streams):
             assert torch.equal(model(x), ref)
     st = store.prefetch_stats()
     assert st["prefetch_hits"] > 0
+    assert pool.stats()["prefetch_hits"] == st["prefetch_hits"]
     store.close()
     assert pool.stats()["resident_bytes"] == 0 and pool.stats()["pinned_bytes"] == 0
 

@@ -181,8 +181,9 @@ class Pool:
                 "pinned_bytes": sum(v["pinned_bytes"] for v in vb),
                 "vbars": vb,
             }
-            for key in ("faults", "hits", "misses", "offloaded", "watermark_fails", "evictions",
-                        "bytes_mapped", "bytes_unmapped"):
+            from .stats import COUNTERS
+
+            for key in COUNTERS:
                 d[key] = sum(v[key] for v in vb)
             return d
 

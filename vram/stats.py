@@ -9,6 +9,8 @@ COUNTERS = (
     "evictions",         # pages unmapped to make room (any cause)
     "bytes_mapped",      # physical bytes mapped, cumulative
     "bytes_unmapped",    # physical bytes unmapped, cumulative
+    "prefetch_hits",     # reported by callers that prepare weights ahead: used as prepared
+    "prefetch_wasted",   # prepared, then released unused
 )
 
 
