@@ -82,6 +82,8 @@ def patcher_class():
                 self.apply_hooks(self.forced_hooks, force_apply=True)
 
         def partially_unload(self, device_to, memory_to_free=0):
+            for s in stores_of(self):
+                s.drop_prefetched()
             freed = 0
             for s in reversed(stores_of(self)):
                 if freed >= memory_to_free:
@@ -96,6 +98,7 @@ def patcher_class():
                 # ComfyUI is unloading this model: give its pages back. (unpatch_all=False is
                 # another clone of the same weights taking over: the pages stay valid.)
                 for s in stores_of(self):
+                    s.drop_prefetched()
                     if s.vbar is not None and not s.vbar.closed:
                         s.vbar.free_memory(s.vbar.size)
             return super().detach(unpatch_all)

@@ -90,6 +90,14 @@ class Prefetcher:
             return True
         return (self.cuda or self.store.copy_streams) and h.nbytes > self.store.small_bytes
 
+    def drop(self):
+        """Release everything prepared and not yet used (its pages become evictable again)."""
+        for p in list(self.pending.values()):
+            p.done.wait()
+            self._release(p)
+        self.pending.clear()
+        self.last = None
+
     def close(self):
         if self.closed:
             return

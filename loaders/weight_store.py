@@ -196,6 +196,10 @@ class WeightStore:
             self.prefetcher = Prefetcher(self, depth)
         return self
 
+    def drop_prefetched(self):
+        if self.prefetcher is not None:
+            self.prefetcher.drop()
+
     def prefetch_stats(self):
         p = self.prefetcher
         return {"prefetch_hits": p.hits if p else 0, "prefetch_wasted": p.wasted if p else 0}
