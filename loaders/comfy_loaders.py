@@ -33,9 +33,22 @@ def open_checked(path):
     return sd, f.metadata, f.check_unchanged
 
 
+_warned_dynamic = False
+
+
 def _pool_for(device):
     from ..vram import get_pool
+    from .comfy_patcher import dynamic_vram_active
 
+    global _warned_dynamic
+    if not _warned_dynamic and dynamic_vram_active():
+        _warned_dynamic = True
+        # Two managers on one card: ours never assumes memory it did not see free. On CUDA the
+        # budget subtracts what the driver reports as used by others, Dynamic VRAM's pages too.
+        log.warning("VBAR: ComfyUI's Dynamic VRAM is active. VBAR models manage their own "
+                    "weights and count Dynamic VRAM's memory as used by others, so the two never "
+                    "overcommit; set a VBAR budget (VBAR Set Budget / VBAR_BUDGET) to split the "
+                    "card explicitly, or start ComfyUI with --disable-dynamic-vram.")
     return get_pool(str(device))
 
 
