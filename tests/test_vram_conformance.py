@@ -10,7 +10,7 @@ import torch
 from vbar_loaders.vram import BadCall, BudgetExceeded, ClosedError, Pool
 from vram_backends import make_backend, page_size_for
 
-BACKENDS = ["host", "cuda"]
+BACKENDS = ["host", "fake-cuda", "cuda"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -20,6 +20,10 @@ def cuda_backend_or_skip():
 def make_backend(kind):
     if kind == "cuda":
         return cuda_backend_or_skip()
+    if kind == "fake-cuda":
+        from fake_cuda_driver import fake_cuda_backend
+
+        return fake_cuda_backend(total=1 << 30)
     from vbar_loaders.vram.host_backend import HostBackend
 
     return HostBackend()

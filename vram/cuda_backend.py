@@ -55,6 +55,10 @@ class CudaBackend(Backend):
         prop.type = drv.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = drv.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
         prop.location.id = device_index
+        if hasattr(prop, "requestedHandleTypes"):
+            prop.requestedHandleTypes = drv.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        if hasattr(prop, "win32HandleMetaData"):
+            prop.win32HandleMetaData = 0
         self.prop = prop
         access = drv.CUmemAccessDesc()
         access.location.type = prop.location.type
@@ -120,11 +124,14 @@ class CudaBackend(Backend):
             raise
         self._handles[addr] = (handle, nbytes)
 
-    def unmap(self, addr, nbytes):
+    def synchronize(self):
         import torch
 
-        # Kernels queued on any stream may still read the page: wait for them before it goes.
         torch.cuda.synchronize(self.index)
+
+    def unmap(self, addr, nbytes):
+        # Kernels queued on any stream may still read the page: wait for them before it goes.
+        self.synchronize()
         end = addr + nbytes
         for a in [a for a in self._handles if addr <= a < end]:
             handle, size = self._handles.pop(a)
