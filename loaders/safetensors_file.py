@@ -170,15 +170,18 @@ class SafetensorsFile:
             raise bad(f"data_offsets {offs!r} are not [begin, end] with "
                       f"0 <= begin <= end <= {data_len} (data section size)")
         dtype = DTYPES[dt_name]
-        numel = 1
+        numel = span = 1
         for d in shape:
             numel *= d
+            # torch computes strides over max(d, 1), so [0, 2**62, 4] overflows it too. Stop
+            # early: a product of thousands of huge dims is too long even to print.
+            span *= max(d, 1)
+            if span > _MAX_DIM:
+                raise bad(f"shape {str(shape)[:200]} has too many elements")
         nbytes = offs[1] - offs[0]
         if numel * dtype.itemsize != nbytes:
             raise bad(f"shape {shape} of {dt_name} needs {numel * dtype.itemsize} bytes "
                       f"but data_offsets span {nbytes}")
-        if numel > _MAX_DIM:
-            raise bad(f"shape {shape} has too many elements")
         return dtype, tuple(shape), offs[0], nbytes
 
     def _check_overlap(self, entries):
