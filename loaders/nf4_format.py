@@ -84,6 +84,13 @@ def _require(tensors, name, path, why):
     return t
 
 
+def _finite(x):
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range, e.g. 10**400 from the JSON
+        return False
+
+
 def parse_quant_state(tensors, prefix, path):
     """Read and validate one quantized Linear; ``tensors`` maps names to tensors."""
     if prefix.endswith(".weight"):
@@ -96,7 +103,7 @@ def parse_quant_state(tensors, prefix, path):
 
     try:
         qs = json.loads(bytes(_get(tensors, qs_name).reshape(-1).to(torch.uint8).cpu().numpy().tobytes()))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         fail(f"quant_state is not valid JSON ({e})")
     if not isinstance(qs, dict):
         fail("quant_state JSON is not an object")
@@ -108,12 +115,14 @@ def parse_quant_state(tensors, prefix, path):
     blocksize = qs.get("blocksize")
     if type(blocksize) is not int or blocksize not in BLOCKSIZES:
         fail(f"blocksize {blocksize!r} is not one bitsandbytes supports {BLOCKSIZES}")
-    if qs.get("dtype") not in DTYPES:
+    if not isinstance(qs.get("dtype"), str) or qs["dtype"] not in DTYPES:  # a list is unhashable
         fail(f"dtype {qs.get('dtype')!r} is not one of {sorted(DTYPES)}")
     shape = qs.get("shape")
     if not isinstance(shape, list) or not shape or not all(type(d) is int and d > 0 for d in shape):
         fail(f"shape {shape!r} is not a list of positive integers")
     numel = math.prod(shape)
+    if numel >= 2**63:  # torch sizes are int64; a 10^4-digit count would not even print
+        fail(f"shape {str(shape)[:200]} has too many elements")
 
     packed = _require(tensors, w, path, "the packed 4-bit codes")
     if packed.dtype != torch.uint8:  # bnb's quant_storage option: same bytes, other dtype
@@ -136,10 +145,10 @@ def parse_quant_state(tensors, prefix, path):
     nested = dict(nested_absmax=None, nested_quant_map=None, nested_offset=None, nested_blocksize=None)
     if _get(tensors, w + ".nested_absmax") is not None or "nested_offset" in qs:
         nbs = qs.get("nested_blocksize")
-        if type(nbs) is not int or nbs <= 0:
+        if type(nbs) is not int or not 0 < nbs < 2**63:  # torch's view() takes int64 sizes
             fail(f"nested_blocksize {nbs!r} is not a positive integer")
         offset = qs.get("nested_offset")
-        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+        if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not _finite(offset):
             fail(f"nested_offset {offset!r} is not a finite number")
         if qs.get("nested_dtype", "float32") != "float32":
             fail(f"nested_dtype {qs.get('nested_dtype')!r} is not 'float32'")
