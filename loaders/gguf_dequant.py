@@ -5,14 +5,14 @@ operation in float32, so a float32 result is bit-identical to the reference and 
 half-precision result is the reference rounded once.
 
 Why the code is shaped this way (measured on CPU, where eager torch is weakest):
-* Every torch op costs a few microseconds however small, and a strided op pays again per
-  row when its rows are short (< 32 values). So block headers (scales) are copied out
-  once for the whole tensor and unpacked with a handful of long ops, and the quants are
-  unpacked in long runs: nibble "planes" over whole rows, then one ``cat`` puts them in
-  output order, then one uint8 -> float32 pass.
-* Bit fields are unpacked on int16/int32 views, several quants per lane; no int64.
+* Every torch op costs microseconds however small, and a strided op pays again per row
+  when its rows are short (< 32 values). So block headers (scales) are unpacked with
+  1-D column ops for several chunks at once, and quants in long runs (nibble "planes"
+  over whole rows), put in output order by one ``cat`` that also widens to float32.
+* Bit fields are unpacked on int16/int32 views, several quants per lane; offsets such
+  as ``q - 8`` are applied to the packed bytes (uint8 wrap-around read back as int8).
 * float32 is exact and, on CPU, no slower than half arithmetic (torch widens bf16 to
-  float32 internally anyway); the last op of each chunk writes the output dtype.
+  float32 internally); each chunk ends with one float32 -> output dtype copy.
 * On CPU the quants are processed in chunks that stay in L2; elsewhere chunks are large
   and only bound the scratch memory.
 """
@@ -28,8 +28,11 @@ U8, I8, I16, I32, F16, F32 = torch.uint8, torch.int8, torch.int16, torch.int32, 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # llama.cpp's non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_CPU_CHUNK = 1 << 17   # output values per chunk: ~1.5 MiB of scratch, inside L2
-_DEV_CHUNK = 1 << 24   # elsewhere: bounds the float32 scratch to 64 MiB
+_CPU_CHUNK = 1 << 17   # output values per chunk and thread: ~1 MiB of scratch, inside L2
+_DEV_CHUNK = 1 << 23   # elsewhere: few launches, scratch bounded to ~50 MiB
+# Headers are unpacked for this many chunks at once: few enough ops per value, and the
+# blocks are still in cache when the chunk bodies read their quants.
+_PREP_CHUNKS = 8
 
 
 class UnsupportedQuantType(GGUFError):
@@ -53,287 +56,252 @@ def _iq4_pairs(device):
     return table.to(device)
 
 
-# ---- whole-tensor header unpacking: returns per-block tensors, first dim = blocks ----
+# ---- headers, per super-chunk of blocks: per-block tensors with blocks first ----
+# Row-major on purpose: strided 1-D column ops over the header bytes are cheap, whereas
+# transposing headers (or re-reading them in several passes) costs more than it saves.
 
-def _hdr(blocks, start, stop):
-    """Copy a byte range of every block header out contiguously, padded to whole int32s.
-
-    One pass over the strided headers; everything after it reads a small dense array."""
-    nb = blocks.shape[0]
-    out = torch.zeros(nb, -(-(stop - start) // 4) * 4, dtype=U8, device=blocks.device)
-    out[:, : stop - start].copy_(blocks[:, start:stop])
-    return out
+def _f16(b, start):
+    """fp16 field at byte ``start`` of each block, widened: (n, 1) float32."""
+    return b[:, start:start + 2].view(F16).float()
 
 
-def _f16_at(h, start):
-    return h[:, start:start + 2].view(F16).float()
+def _pre_d(b):
+    return (_f16(b, 0),)
 
 
-def _pre_d(blocks):
-    return (_f16_at(_hdr(blocks, 0, 2), 0),)
+def _pre_dm(b):
+    return _f16(b, 0), _f16(b, 2)
 
 
-def _pre_dm(blocks):
-    h = _hdr(blocks, 0, 4)
-    return _f16_at(h, 0), _f16_at(h, 2)
+def _pre_q5_0(b):
+    # 22-byte blocks leave qh unaligned: assemble it from its two int16 halves.
+    w = b.view(I16)
+    qh = (w[:, 1].to(I32) & 0xFFFF) | (w[:, 2].to(I32) << 16)
+    return _f16(b, 0), qh
 
 
-def _pre_q5_0(blocks):
-    h = _hdr(blocks, 0, 6)
-    qh = torch.empty(blocks.shape[0], 4, dtype=U8, device=blocks.device)
-    qh.copy_(h[:, 2:6])
-    return _f16_at(h, 0), qh.view(I32).view(-1)
+def _pre_q5_1(b):
+    return _f16(b, 0), _f16(b, 2), b[:, 4:8].view(I32).view(-1).contiguous()
 
 
-def _pre_q5_1(blocks):
-    h = _hdr(blocks, 0, 8)
-    return _f16_at(h, 0), _f16_at(h, 2), h.view(I32)[:, 1].contiguous()
-
-
-def _pre_q2_k(blocks):
-    sc, dd = _hdr(blocks, 0, 16), _hdr(blocks, 80, 84)
-    d, dmin = _f16_at(dd, 0), _f16_at(dd, 2)
-    dl = (sc & 0xF).float().mul_(d)
-    ml = (sc >> 4).float().mul_(dmin)
+def _pre_q2_k(b):
+    sc = b[:, :16].contiguous()
+    dl = (sc & 0xF).float().mul_(_f16(b, 80))
+    ml = (sc >> 4).float().mul_(_f16(b, 82))
     return dl, ml
 
 
-def _pre_q3_k(blocks):
-    h = _hdr(blocks, 96, 110)
-    w = h.view(I32)  # w0, w1: low nibbles; w2: 2-bit high parts; w3: d
-    sc = torch.empty_like(w)
-    # scale t: low nibble from byte t % 8 (high half when t >= 8), bits 2*(t // 4) of byte 8 + t % 4
-    for t, (src, nib, hs) in enumerate(((0, 0, 4), (1, 0, 2), (0, 4, 0), (1, 4, -2))):
-        lo = (w[:, src] >> nib) & 0x0F0F0F0F if nib else w[:, src] & 0x0F0F0F0F
-        hi = (w[:, 2] << hs) if hs > 0 else (w[:, 2] >> -hs) if hs < 0 else w[:, 2]
-        torch.bitwise_or(lo, hi & 0x30303030, out=sc[:, t])
-    dl = sc.view(U8).float().sub_(32).mul_(_f16_at(h, 12))
-    return (dl,)
+def _pre_q3_k(b):
+    n = b.shape[0]
+    h = torch.empty(n, 12, dtype=U8, device=b.device)
+    h.copy_(b[:, 96:108])  # 110-byte blocks: realign the scales to read them as int32
+    w = h.view(I32)  # w0, w1: low nibbles of the 16 scales; w2: their top 2 bits
+    sc = torch.empty(n, 4, dtype=I32, device=b.device)
+    # scales 4k..4k+3: low nibbles from w[k % 2] (high nibbles when k >= 2), top bits at 2k
+    for k in range(4):
+        lo = w[:, k % 2] if k < 2 else w[:, k % 2] >> 4
+        hi = w[:, 2] << (4 - 2 * k) if k < 2 else w[:, 2] >> (2 * k - 4)
+        torch.bitwise_or(lo & 0x0F0F0F0F, hi & 0x30303030, out=sc[:, k])
+    return (sc.view(U8).view(n, 16).float().sub_(32).mul_(_f16(b, 108)),)
 
 
-def _pre_k(blocks):
-    """Q4_K/Q5_K: 6-bit scales and mins -> (nb, 2, 8) float32, [:, 0] = d*sc, [:, 1] = dmin*m."""
-    h = _hdr(blocks, 0, 16)
-    w = h.view(I32)  # w0: d, dmin; w1, w2: low 6 bits (+2 high bits); w3: 4-bit low parts
-    sm = torch.empty_like(w)
-    torch.bitwise_and(w[:, 1], 0x3F3F3F3F, out=sm[:, 0])
-    torch.bitwise_and(w[:, 2], 0x3F3F3F3F, out=sm[:, 2])
-    torch.bitwise_or(w[:, 3] & 0x0F0F0F0F, (w[:, 1] >> 2) & 0x30303030, out=sm[:, 1])
-    torch.bitwise_or((w[:, 3] >> 4) & 0x0F0F0F0F, (w[:, 2] >> 2) & 0x30303030, out=sm[:, 3])
-    dd = h[:, :4].view(F16).float().view(-1, 2, 1)
-    return (sm.view(U8).view(-1, 2, 8).float().mul_(dd),)
+def _pre_k(b):
+    """Q4_K/Q5_K: 8 scales and 8 mins of 6 bits -> (n, 2, 8) float32 d*scale, dmin*min.
+
+    Bytes 4..15: j < 4 in the low 6 bits of bytes 4+j (scales) and 8+j (mins); j >= 4 as
+    the nibbles of byte 8+j plus the top 2 bits of bytes j and 4+j."""
+    n = b.shape[0]
+    w = b[:, 4:16].view(I32)
+    sm = torch.empty(n, 4, dtype=I32, device=b.device)
+    torch.bitwise_and(w[:, 0], 0x3F3F3F3F, out=sm[:, 0])
+    torch.bitwise_and(w[:, 1], 0x3F3F3F3F, out=sm[:, 2])
+    torch.bitwise_or(w[:, 2] & 0x0F0F0F0F, (w[:, 0] >> 2) & 0x30303030, out=sm[:, 1])
+    torch.bitwise_or((w[:, 2] >> 4) & 0x0F0F0F0F, (w[:, 1] >> 2) & 0x30303030, out=sm[:, 3])
+    dd = torch.empty(n, 2, 1, dtype=F32, device=b.device)
+    dd[:, 0, 0].copy_(b.view(F16)[:, 0])  # two long strided copies beat one of short rows
+    dd[:, 1, 0].copy_(b.view(F16)[:, 1])
+    return (sm.view(U8).view(n, 2, 8).float().mul_(dd),)
 
 
-def _pre_q6_k(blocks):
-    h = _hdr(blocks, 192, 210)
-    return (h[:, :16].view(I8).float().mul_(_f16_at(h, 16)),)
+def _pre_q6_k(b):
+    return (b[:, 192:208].view(I8).float().mul_(_f16(b, 208)),)
 
 
-def _pre_iq4_xs(blocks):
-    h = _hdr(blocks, 0, 8)
-    dev = blocks.device
-    # scale j: low nibble (j % 2) of byte 4 + j // 2, top 2 bits at bit 2j of the uint16 at 2
-    lo = (h[:, 4:8].unsqueeze(-1) >> _const(dev, U8, (0, 4), (2,))) & 0xF
-    hi = (h[:, 2:4].view(I16) >> _const(dev, I16, tuple(range(0, 16, 2)), (8,))) & 3
-    sc = (lo.view(-1, 8).to(I16) | (hi << 4))
-    return (sc.float().sub_(32).mul_(_f16_at(h, 0)),)
+def _pre_iq4_xs(b):
+    n, dev = b.shape[0], b.device
+    # 8 scales, 6 bits, minus 32: nibble j % 2 of byte 4 + j // 2, top 2 bits at bit 2j of
+    # the uint16 at byte 2.
+    lo = (b[:, 4:8].unsqueeze(-1) >> _const(dev, U8, (0, 4), (2,))) & 0xF
+    hi = (b[:, 2:4].view(I16) >> _const(dev, I16, tuple(range(0, 16, 2)), (8,))) & 3
+    sc = lo.view(n, 8).to(I16) | (hi << 4)
+    return (sc.float().sub_(32).mul_(_f16(b, 0)),)
 
 
-def _last(op, a, b, dst):
-    """Final float op of a chunk. For half outputs it runs in place and then converts:
-    torch would otherwise allocate a float32 temporary for the mixed-dtype ``out=``."""
-    if dst.dtype == F32:
-        op(a, b, out=dst)
-    else:
-        dst.copy_(op(a, b, out=a))
-
-
-# ---- per-chunk bodies: b (n, ts) uint8 blocks, flat = b as 1-D; f, u, w scratch ----
+# ---- per-chunk bodies: b (n, ts) uint8 blocks, flat = b as 1-D, pre = header slices,
+# ---- buf(name, numel, dtype) = reusable scratch; each returns float32 in output order.
 
 def _planes(src, out):
     """Low nibbles into out[0], high nibbles into out[1] (uint8 shifts need no mask)."""
     torch.bitwise_and(src, 0xF, out=out[0])
     torch.bitwise_right_shift(src, 4, out=out[1])
+    return out
 
 
-def _legacy_nibbles(flat, n, ts, off, u, w):
-    """Legacy/IQ4_NL blocks: quants 0-15 are the low nibbles of qs, 16-31 the high ones.
-
-    The nibble ops run over the whole chunk (headers included) as one long row."""
-    lh = w[: 2 * n * ts].view(2, n * ts)
-    _planes(flat, lh)
-    lh = lh.view(2, n, ts)
-    u = u[: n * 32].view(n, 32)
-    torch.cat((lh[0, :, off:], lh[1, :, off:]), dim=1, out=u)
-    return u
+def _legacy_planes(flat, n, ts, buf):
+    """Nibble planes of whole legacy blocks, headers included: one long row per op."""
+    return _planes(flat, buf("planes", 2 * n * ts, U8).view(2, n * ts)).view(2, n, ts)
 
 
-def _high_bits_5(u, qh, w, n):
-    """Q5_0/Q5_1: OR bit j of qh into bit 4 of quant byte j.
+def _in_order(lh, off, out, groups=1):
+    """Planes -> output order: per group of each block, its low nibbles then its high ones."""
+    lo, hi = lh[0, :, off:], lh[1, :, off:]
+    n = lo.shape[0]
+    torch.cat((lo.reshape(n, groups, -1), hi.reshape(n, groups, -1)), dim=2, out=out.view(n, groups, -1))
+    return out
 
-    Computed transposed (8 x n, long rows); a nibble times 0x02040810 drops its bit k at
-    bit 4 of byte k without carries."""
-    ht = w[: 32 * n].view(I32).view(8, n)
+
+def _q8_0(b, flat, pre, buf):
+    n = b.shape[0]
+    q = buf("f", n * 34, F32).view(n, 34)
+    q.view(-1).copy_(flat.view(I8))  # one long run; the d bytes are simply ignored
+    return torch.mul(q[:, 2:], pre[0], out=buf("g", n * 32, F32).view(n, 32))
+
+
+def _q4_0(b, flat, pre, buf):
+    n = b.shape[0]
+    lh = _legacy_planes(flat, n, 18, buf)
+    lh -= 8  # uint8 wrap-around: read as int8 this is q - 8
+    return _in_order(lh.view(I8), 2, buf("f", n * 32, F32).view(n, 32)).mul_(pre[0])
+
+
+def _q4_1(b, flat, pre, buf):
+    n = b.shape[0]
+    x = _in_order(_legacy_planes(flat, n, 20, buf), 4, buf("f", n * 32, F32).view(n, 32))
+    return x.mul_(pre[0]).add_(pre[1])
+
+
+def _q5(flat, n, ts, qh, offset, buf):
+    u = _in_order(_legacy_planes(flat, n, ts, buf), ts - 16, buf("u", n * 32, U8).view(n, 32))
+    # OR bit j of qh into bit 4 of quant byte j. Computed transposed (8 x n, long rows); a
+    # nibble times 0x02040810 drops its bit k at bit 4 of byte k without carries.
+    ht = buf("bits", 8 * n, I32).view(8, n)
     torch.bitwise_right_shift(qh.view(1, n), _const(qh.device, I32, tuple(range(0, 32, 4)), (8, 1)), out=ht)
     ht &= 0xF
     ht *= 0x02040810
     ht &= 0x10101010
     u.view(I32).bitwise_or_(ht.t())
+    if offset:
+        u -= offset
+    x = buf("f", n * 32, F32).view(n, 32)
+    return x.copy_(u.view(I8))
 
 
-def _q8_0(b, flat, pre, f, u, w, dst):
-    n = b.shape[0]
-    q = f[: n * 34].view(n, 34)
-    q.view(-1).copy_(flat.view(I8))  # whole chunk in one run; the d bytes are ignored
-    _last(torch.mul, q[:, 2:], pre[0], dst)
+def _q5_0(b, flat, pre, buf):
+    return _q5(flat, b.shape[0], 22, pre[1], 16, buf).mul_(pre[0])
 
 
-def _q4_0(b, flat, pre, f, u, w, dst):
-    n = b.shape[0]
-    u = _legacy_nibbles(flat, n, 18, 2, u, w)
-    f = f[: n * 32].view(n, 32)
-    f.copy_(u)
-    _last(torch.mul, f.sub_(8), pre[0], dst)
+def _q5_1(b, flat, pre, buf):
+    return _q5(flat, b.shape[0], 24, pre[2], 0, buf).mul_(pre[0]).add_(pre[1])
 
 
-def _q4_1(b, flat, pre, f, u, w, dst):
-    n = b.shape[0]
-    u = _legacy_nibbles(flat, n, 20, 4, u, w)
-    f = f[: n * 32].view(n, 32)
-    f.copy_(u)
-    _last(torch.add, f.mul_(pre[0]), pre[1], dst)
-
-
-def _q5_0(b, flat, pre, f, u, w, dst):
-    n = b.shape[0]
-    u = _legacy_nibbles(flat, n, 22, 6, u, w)
-    _high_bits_5(u, pre[1], w, n)
-    f = f[: n * 32].view(n, 32)
-    f.copy_(u)
-    _last(torch.mul, f.sub_(16), pre[0], dst)
-
-
-def _q5_1(b, flat, pre, f, u, w, dst):
-    n = b.shape[0]
-    u = _legacy_nibbles(flat, n, 24, 8, u, w)
-    _high_bits_5(u, pre[2], w, n)
-    f = f[: n * 32].view(n, 32)
-    f.copy_(u)
-    _last(torch.add, f.mul_(pre[0]), pre[1], dst)
-
-
-def _iq4_lookup(u, f, w, n, bs):
-    """Nibble bytes in u -> float32 codebook values in f, two at a time."""
-    idx = w[: 2 * n * bs].view(I32)
+def _iq4_lookup(u, buf):
+    """Nibble bytes -> float32 codebook values, two at a time."""
+    idx = buf("idx", u.numel() // 2, I32)
     idx.copy_(u.view(I16).view(-1))
-    f = f[: n * bs]
+    f = buf("f", u.numel(), F32)
     torch.index_select(_iq4_pairs(u.device), 0, idx, out=f.view(torch.int64))
     return f
 
 
-def _iq4_nl(b, flat, pre, f, u, w, dst):
+def _iq4_nl(b, flat, pre, buf):
     n = b.shape[0]
-    u = _legacy_nibbles(flat, n, 18, 2, u, w)
-    f = _iq4_lookup(u, f, w, n, 32)
-    _last(torch.mul, f.view(n, 32), pre[0], dst)
+    u = _in_order(_legacy_planes(flat, n, 18, buf), 2, buf("u", n * 32, U8).view(n, 32))
+    return _iq4_lookup(u, buf).view(n, 32).mul_(pre[0])
 
 
-def _iq4_xs(b, flat, pre, f, u, w, dst):
+def _iq4_xs(b, flat, pre, buf):
     n = b.shape[0]
-    lh = w[: 2 * n * 128].view(2, n, 128)
-    _planes(b[:, 8:], lh)
+    lh = _planes(b[:, 8:], buf("planes", 2 * n * 128, U8).view(2, n, 128))
     # quant 32j + 16a + i is nibble a of qs[16j + i]
-    u = u[: n * 256].view(n, 8, 32)
-    torch.cat((lh[0].view(n, 8, 16), lh[1].view(n, 8, 16)), dim=2, out=u)
-    f = _iq4_lookup(u, f, w, n, 256)
-    _last(torch.mul, f.view(n, 8, 32), pre[0].unsqueeze(-1), dst.view(n, 8, 32))
+    u = _in_order(lh, 0, buf("u", n * 256, U8).view(n, 256), groups=8)
+    return _iq4_lookup(u, buf).view(n, 8, 32).mul_(pre[0].unsqueeze(-1))
 
 
-def _q2_k(b, flat, pre, f, u, w, dst):
+def _q2_k(b, flat, pre, buf):
     n = b.shape[0]
     # quant 128g + 32s + i is bits 2s..2s+1 of qs[32g + i]
-    q = u[: n * 256].view(I32).view(n, 2, 4, 8)
+    u = buf("u", n * 256, U8)
+    q = u.view(I32).view(n, 2, 4, 8)
     torch.bitwise_right_shift(b[:, 16:80].view(I32).view(n, 2, 1, 8),
                               _const(b.device, I32, (0, 2, 4, 6), (4, 1)), out=q)
     q &= 0x03030303
-    f = f[: n * 256].view(n, 16, 16)
-    f.view(-1).copy_(u[: n * 256])
-    dl, ml = pre
-    _last(torch.sub, f.mul_(dl.unsqueeze(-1)), ml.unsqueeze(-1), dst.view(n, 16, 16))
+    x = buf("f", n * 256, F32).copy_(u).view(n, 16, 16)
+    return x.mul_(pre[0].unsqueeze(-1)).sub_(pre[1].unsqueeze(-1))
 
 
-def _q3_k(b, flat, pre, f, u, w, dst):
+def _q3_k(b, flat, pre, buf):
     n, dev = b.shape[0], b.device
     # 110-byte blocks: copy hmask + qs to an aligned buffer so they can be read as int32.
-    hq = w[: n * 96].view(n, 96)
-    hq.copy_(b[:, :96])
-    hq = hq.view(I32)
-    q = u[: n * 256].view(I32).view(n, 2, 4, 8)  # quant 128g + 32s + i: bits 2s of qs[32g + i]
+    hq = buf("hq", n * 96, U8).view(n, 96).copy_(b[:, :96]).view(I32)
+    u = buf("u", n * 256, U8)
+    q = u.view(I32).view(n, 2, 4, 8)  # quant 128g + 32s + i: bits 2s of qs[32g + i]
     torch.bitwise_right_shift(hq[:, 8:].view(n, 2, 1, 8), _const(dev, I32, (0, 2, 4, 6), (4, 1)), out=q)
     q &= 0x03030303
     # bit j of hmask[i] belongs to quant 32j + i: move it to bit 2 of that byte
     hm = hq[:, :8].view(n, 1, 8)
-    h = w[n * 96: n * 96 + n * 256].view(I32).view(n, 8, 8)
+    h = buf("bits", n * 64, I32).view(n, 8, 8)
     torch.bitwise_left_shift(hm, _const(dev, I32, (2, 1), (2, 1)), out=h[:, :2])
     torch.bitwise_right_shift(hm, _const(dev, I32, tuple(range(6)), (6, 1)), out=h[:, 2:])
     h &= 0x04040404
     q.view(n, 64).bitwise_or_(h.view(n, 64))
-    f = f[: n * 256].view(n, 16, 16)
-    f.view(-1).copy_(u[: n * 256])
-    _last(torch.mul, f.sub_(4), pre[0].unsqueeze(-1), dst.view(n, 16, 16))
+    u -= 4
+    x = buf("f", n * 256, F32).copy_(u.view(I8)).view(n, 16, 16)
+    return x.mul_(pre[0].unsqueeze(-1))
 
 
-def _k_nibbles(qs, u, w, n):
-    """Q4_K/Q5_K: quant 64g + 32a + i is nibble a of qs[32g + i]."""
-    lh = w[: 2 * n * 128].view(2, n, 128)
-    _planes(qs, lh)
-    u = u[: n * 256].view(n, 4, 64)
-    torch.cat((lh[0].view(n, 4, 32), lh[1].view(n, 4, 32)), dim=2, out=u)
-    return u
-
-
-def _k_finish(u, f, pre, dst, n):
-    f = f[: n * 256].view(n, 8, 32)
-    f.view(-1).copy_(u.view(-1))
+def _k_apply(x, pre):
     sm = pre[0]
-    _last(torch.sub, f.mul_(sm[:, 0].unsqueeze(-1)), sm[:, 1].unsqueeze(-1), dst.view(n, 8, 32))
+    return x.mul_(sm[:, 0].unsqueeze(-1)).sub_(sm[:, 1].unsqueeze(-1))
 
 
-def _q4_k(b, flat, pre, f, u, w, dst):
+def _q4_k(b, flat, pre, buf):
+    # quant 64g + 32a + i is nibble a of qs[32g + i]
     n = b.shape[0]
-    _k_finish(_k_nibbles(b[:, 16:], u, w, n), f, pre, dst, n)
+    lh = _planes(b[:, 16:], buf("planes", 2 * n * 128, U8).view(2, n, 128))
+    x = _in_order(lh, 0, buf("f", n * 256, F32).view(n, 256), groups=4)
+    return _k_apply(x.view(n, 8, 32), pre)
 
 
-def _q5_k(b, flat, pre, f, u, w, dst):
+def _q5_k(b, flat, pre, buf):
     n, dev = b.shape[0], b.device
-    u = _k_nibbles(b[:, 48:], u, w, n)
+    lh = _planes(b[:, 48:], buf("planes", 2 * n * 128, U8).view(2, n, 128))
+    u = _in_order(lh, 0, buf("u", n * 256, U8).view(n, 256), groups=4)
     # bit j of qh[i] belongs to quant 32j + i: move it to bit 4 of that byte
     qh = b[:, 16:48].view(I32).view(n, 1, 8)
-    h = w[: n * 256].view(I32).view(n, 8, 8)
+    h = buf("bits", n * 64, I32).view(n, 8, 8)
     torch.bitwise_left_shift(qh, _const(dev, I32, (4, 3, 2, 1), (4, 1)), out=h[:, :4])
     torch.bitwise_right_shift(qh, _const(dev, I32, (0, 1, 2, 3), (4, 1)), out=h[:, 4:])
     h &= 0x10101010
     u.view(I32).view(n, 64).bitwise_or_(h.view(n, 64))
-    _k_finish(u, f, pre, dst, n)
+    x = buf("f", n * 256, F32).copy_(u.view(-1))
+    return _k_apply(x.view(n, 8, 32), pre)
 
 
-def _q6_k(b, flat, pre, f, u, w, dst):
+def _q6_k(b, flat, pre, buf):
     n, dev = b.shape[0], b.device
     # low 4 bits: quant 128g + 64a + c is nibble a of ql[64g + c]
-    lh = w[: 2 * n * 128].view(2, n, 128)
-    _planes(b[:, :128], lh)
-    u = u[: n * 256].view(n, 2, 128)
-    torch.cat((lh[0].view(n, 2, 64), lh[1].view(n, 2, 64)), dim=2, out=u)
+    lh = _planes(b[:, :128], buf("planes", 2 * n * 128, U8).view(2, n, 128))
+    u = _in_order(lh, 0, buf("u", n * 256, U8).view(n, 256), groups=2)
     # high 2 bits: quant 128g + 32s + i is bits 2s..2s+1 of qh[32g + i]; move them to bits 4-5
     qh = b[:, 128:192].view(I16).view(n, 2, 1, 16)
-    h = w[: n * 256].view(I16).view(n, 2, 4, 16)
+    h = buf("bits", n * 128, I16).view(n, 2, 4, 16)
     torch.bitwise_left_shift(qh, _const(dev, I16, (4, 2, 0), (3, 1)), out=h[:, :, :3])
     torch.bitwise_right_shift(qh, 2, out=h[:, :, 3:])
     h &= 0x3030
     u.view(I16).view(n, 128).bitwise_or_(h.view(n, 128))
-    f = f[: n * 256].view(n, 16, 16)
-    f.view(-1).copy_(u.view(-1))
-    _last(torch.mul, f.sub_(32), pre[0].unsqueeze(-1), dst.view(n, 16, 16))
+    u -= 32
+    x = buf("f", n * 256, F32).copy_(u.view(I8).view(-1))
+    return x.view(n, 16, 16).mul_(pre[0].unsqueeze(-1))
 
 
 _KERNELS = {  # type -> (header unpacker, chunk body)
@@ -365,7 +333,7 @@ def _qtype(qtype):
 
 
 def quantized_nbytes(qtype, shape):
-    """Bytes a tensor of logical ``shape`` occupies in GGUF as ``qtype``."""
+    """Bytes a tensor of logical ``shape`` occupies in GGUF as ``qtype`` (any GGML type)."""
     qt = QT(qtype)
     bs, ts = GGML_QUANT_SIZES[qt]
     shape = tuple(shape)
@@ -373,6 +341,19 @@ def quantized_nbytes(qtype, shape):
         raise GGUFError("<tensor>", f"row length {shape[-1]} is not a multiple of the "
                         f"{qt.name} block size {bs}")
     return math.prod(shape) // bs * ts
+
+
+class _Scratch:
+    """Per-call scratch buffers by name, sized by the first (largest) chunk, then reused."""
+
+    def __init__(self, device):
+        self.device, self.bufs = device, {}
+
+    def __call__(self, name, numel, dtype):
+        t = self.bufs.get(name)
+        if t is None or t.numel() < numel:
+            t = self.bufs[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return t[:numel]
 
 
 def _as_bytes(raw, device):
@@ -411,16 +392,18 @@ def dequantize_into(out, raw, qtype):
     nb = raw.numel() // ts
     blocks = raw.view(nb, ts)
     dst = out.view(nb, bs)
-    pre = prep(blocks)
-    ch = (_CPU_CHUNK if out.device.type == "cpu" else _DEV_CHUNK) // bs
+    cpu = out.device.type == "cpu"
+    # Each intra-op thread gets a cache-sized share of a chunk.
+    ch = (_CPU_CHUNK * torch.get_num_threads() if cpu else _DEV_CHUNK) // bs
     ch = min(max(4, ch - ch % 4), nb)  # a multiple of 4 blocks keeps every chunk int32-aligned
-    dev = out.device
-    f = torch.empty(ch * max(bs, ts), dtype=F32, device=dev)
-    u = torch.empty(ch * bs, dtype=U8, device=dev)
-    w = torch.empty(ch * max(2 * ts, 2 * bs), dtype=U8, device=dev)
-    for s in range(0, nb, ch):
-        e = min(nb, s + ch)
-        body(blocks[s:e], raw[s * ts: e * ts], tuple(p[s:e] for p in pre), f, u, w, dst[s:e])
+    sup = ch * (_PREP_CHUNKS if cpu else 1)
+    buf = _Scratch(out.device)
+    for s0 in range(0, nb, sup):
+        pre = prep(blocks[s0: s0 + sup])
+        for s in range(s0, min(nb, s0 + sup), ch):
+            e = min(nb, s + ch)
+            x = body(blocks[s:e], raw[s * ts: e * ts], tuple(p[s - s0: e - s0] for p in pre), buf)
+            dst[s:e].view(x.shape).copy_(x)
     return out
 
 

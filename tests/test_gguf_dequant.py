@@ -79,8 +79,9 @@ def test_exact_on_gguf_quantized_weights(qt):
 @pytest.mark.parametrize("qt", QUANTS, ids=lambda q: q.name)
 def test_many_chunks_with_a_partial_last_one(qt, monkeypatch):
     bs, _ = GGML_QUANT_SIZES[qt]
-    monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs)  # 4 blocks per chunk
-    shape = (7, 3 * bs)  # 21 blocks: 5 full chunks and one of 1 block
+    monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs // torch.get_num_threads())  # 4 blocks
+    monkeypatch.setattr(gd, "_PREP_CHUNKS", 2)  # headers for 8 blocks at a time
+    shape = (7, 3 * bs)  # 21 blocks: 5 full chunks and one of 1 block, in 3 header batches
     raw = random_blocks(qt, *shape, seed=99)
     assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
     got = ours(raw, qt, shape, torch.bfloat16)
