@@ -4,7 +4,8 @@ Columns, all in GB/s of bf16 output and all measured in the same run:
   ours     loaders/gguf_dequant.dequantize
   ref      gguf-py's numpy reference (then converted to a bf16 torch tensor)
   city96   ComfyUI-GGUF's dequant.py, best of its two dequant_dtype modes (bf16 math, or
-           fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file
+           fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file.
+           It has no kernel for F32/F16 (it just casts, as we do): shown as "-".
   memcpy   clone() of a bf16 tensor of the output's size (allocation included, as in ours)
 Each rep times every method once, in turn, so load from other processes hits all columns
 alike; the table shows medians.
@@ -120,9 +121,10 @@ def main(argv=None):
             if not torch.equal(res["ours"], res["ref"]):
                 raise SystemExit(f"{name}: result differs from the gguf reference")
             gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}
-            c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0)) or float("nan")
-            print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96:7.2f} "
-                  f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {gbs['ours'] / c96:8.2f}x "
+            c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0))
+            c96_cols = (f"{c96:7.2f}", f"{gbs['ours'] / c96:8.2f}x") if c96 else (f"{'-':>7}", f"{'-':>9}")
+            print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96_cols[0]} "
+                  f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {c96_cols[1]} "
                   f"{gbs['ours'] / gbs['memcpy']:11.2f}x", flush=True)
 
 

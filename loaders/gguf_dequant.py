@@ -147,17 +147,28 @@ def _planes(src, out):
     return out
 
 
-def _legacy_planes(flat, n, ts, buf):
-    """Nibble planes of whole legacy blocks, headers included: one long row per op."""
-    return _planes(flat, buf("planes", 2 * n * ts, U8).view(2, n * ts)).view(2, n, ts)
-
-
 def _in_order(lh, off, out, groups=1):
     """Planes -> output order: per group of each block, its low nibbles then its high ones."""
     lo, hi = lh[0, :, off:], lh[1, :, off:]
     n = lo.shape[0]
     torch.cat((lo.reshape(n, groups, -1), hi.reshape(n, groups, -1)), dim=2, out=out.view(n, groups, -1))
     return out
+
+
+def _legacy_quants(flat, n, ts, buf, offset=0):
+    """Legacy/IQ4_NL blocks -> quant bytes in output order (16 low nibbles, 16 high).
+
+    ``cat`` moves bytes here: widening to float32 inside it costs more than a separate,
+    contiguous uint8 -> float32 pass."""
+    lh = _planes(flat, buf("planes", 2 * n * ts, U8).view(2, n * ts)).view(2, n, ts)
+    u = _in_order(lh, ts - 16, buf("u", n * 32, U8).view(n, 32))
+    if offset:
+        u -= offset  # uint8 wrap-around: read as int8 this is q - offset
+    return u
+
+
+def _to_f32(u, buf, signed=False):
+    return buf("f", u.numel(), F32).view(u.shape).copy_(u.view(I8) if signed else u)
 
 
 def _q8_0(b, flat, pre, buf):
@@ -168,20 +179,17 @@ def _q8_0(b, flat, pre, buf):
 
 
 def _q4_0(b, flat, pre, buf):
-    n = b.shape[0]
-    lh = _legacy_planes(flat, n, 18, buf)
-    lh -= 8  # uint8 wrap-around: read as int8 this is q - 8
-    return _in_order(lh.view(I8), 2, buf("f", n * 32, F32).view(n, 32)).mul_(pre[0])
+    u = _legacy_quants(flat, b.shape[0], 18, buf, offset=8)
+    return _to_f32(u, buf, signed=True).mul_(pre[0])
 
 
 def _q4_1(b, flat, pre, buf):
-    n = b.shape[0]
-    x = _in_order(_legacy_planes(flat, n, 20, buf), 4, buf("f", n * 32, F32).view(n, 32))
-    return x.mul_(pre[0]).add_(pre[1])
+    u = _legacy_quants(flat, b.shape[0], 20, buf)
+    return _to_f32(u, buf).mul_(pre[0]).add_(pre[1])
 
 
 def _q5(flat, n, ts, qh, offset, buf):
-    u = _in_order(_legacy_planes(flat, n, ts, buf), ts - 16, buf("u", n * 32, U8).view(n, 32))
+    u = _legacy_quants(flat, n, ts, buf)
     # OR bit j of qh into bit 4 of quant byte j. Computed transposed (8 x n, long rows); a
     # nibble times 0x02040810 drops its bit k at bit 4 of byte k without carries.
     ht = buf("bits", 8 * n, I32).view(8, n)
@@ -192,8 +200,7 @@ def _q5(flat, n, ts, qh, offset, buf):
     u.view(I32).bitwise_or_(ht.t())
     if offset:
         u -= offset
-    x = buf("f", n * 32, F32).view(n, 32)
-    return x.copy_(u.view(I8))
+    return _to_f32(u, buf, signed=True)
 
 
 def _q5_0(b, flat, pre, buf):
@@ -214,9 +221,8 @@ def _iq4_lookup(u, buf):
 
 
 def _iq4_nl(b, flat, pre, buf):
-    n = b.shape[0]
-    u = _in_order(_legacy_planes(flat, n, 18, buf), 2, buf("u", n * 32, U8).view(n, 32))
-    return _iq4_lookup(u, buf).view(n, 32).mul_(pre[0])
+    u = _legacy_quants(flat, b.shape[0], 18, buf)
+    return _iq4_lookup(u, buf).view(u.shape).mul_(pre[0])
 
 
 def _iq4_xs(b, flat, pre, buf):
@@ -235,7 +241,7 @@ def _q2_k(b, flat, pre, buf):
     torch.bitwise_right_shift(b[:, 16:80].view(I32).view(n, 2, 1, 8),
                               _const(b.device, I32, (0, 2, 4, 6), (4, 1)), out=q)
     q &= 0x03030303
-    x = buf("f", n * 256, F32).copy_(u).view(n, 16, 16)
+    x = _to_f32(u, buf).view(n, 16, 16)
     return x.mul_(pre[0].unsqueeze(-1)).sub_(pre[1].unsqueeze(-1))
 
 
@@ -255,8 +261,7 @@ def _q3_k(b, flat, pre, buf):
     h &= 0x04040404
     q.view(n, 64).bitwise_or_(h.view(n, 64))
     u -= 4
-    x = buf("f", n * 256, F32).copy_(u.view(I8)).view(n, 16, 16)
-    return x.mul_(pre[0].unsqueeze(-1))
+    return _to_f32(u, buf, signed=True).view(n, 16, 16).mul_(pre[0].unsqueeze(-1))
 
 
 def _k_apply(x, pre):
@@ -283,8 +288,7 @@ def _q5_k(b, flat, pre, buf):
     torch.bitwise_right_shift(qh, _const(dev, I32, (0, 1, 2, 3), (4, 1)), out=h[:, 4:])
     h &= 0x10101010
     u.view(I32).view(n, 64).bitwise_or_(h.view(n, 64))
-    x = buf("f", n * 256, F32).copy_(u.view(-1))
-    return _k_apply(x.view(n, 8, 32), pre)
+    return _k_apply(_to_f32(u, buf).view(n, 8, 32), pre)
 
 
 def _q6_k(b, flat, pre, buf):
@@ -300,8 +304,7 @@ def _q6_k(b, flat, pre, buf):
     h &= 0x3030
     u.view(I16).view(n, 128).bitwise_or_(h.view(n, 128))
     u -= 32
-    x = buf("f", n * 256, F32).copy_(u.view(I8).view(-1))
-    return x.view(n, 16, 16).mul_(pre[0].unsqueeze(-1))
+    return _to_f32(u, buf, signed=True).view(n, 16, 16).mul_(pre[0].unsqueeze(-1))
 
 
 _KERNELS = {  # type -> (header unpacker, chunk body)
@@ -337,9 +340,9 @@ def quantized_nbytes(qtype, shape):
     qt = QT(qtype)
     bs, ts = GGML_QUANT_SIZES[qt]
     shape = tuple(shape)
-    if shape and shape[-1] % bs:
-        raise GGUFError("<tensor>", f"row length {shape[-1]} is not a multiple of the "
-                        f"{qt.name} block size {bs}")
+    if bs > 1 and (not shape or shape[-1] % bs):
+        raise GGUFError("<tensor>", f"row length {shape[-1] if shape else '()'} is not a "
+                        f"multiple of the {qt.name} block size {bs}")
     return math.prod(shape) // bs * ts
 
 

@@ -131,6 +131,8 @@ def test_wrong_byte_count_and_row_length():
         dequantize(torch.zeros(33, dtype=torch.uint8), QT.Q8_0, (1, 32))
     with pytest.raises(GGUFError, match="not a multiple"):
         dequantize(torch.zeros(68, dtype=torch.uint8), QT.Q8_0, (2, 48))
+    with pytest.raises(GGUFError, match="not a multiple"):
+        dequantize(torch.zeros(0, dtype=torch.uint8), QT.Q4_K, ())
     with pytest.raises(TypeError):
         dequantize(torch.zeros(34, dtype=torch.uint8), QT.Q8_0, (1, 32), torch.int8)
 
