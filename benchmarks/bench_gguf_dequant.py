@@ -11,6 +11,7 @@ Each rep times every method once, in turn, so load from other processes hits all
 alike; the table shows medians.
 
     python benchmarks/bench_gguf_dequant.py [--quick] [--reps N] [--types Q8_0,Q4_K]
+                                            [--threads N] [--clock wall|cpu]
 """
 import argparse
 import importlib.util
@@ -84,14 +85,14 @@ def methods(qt, raw_np, shape, city):
     return out
 
 
-def measure(fns, reps):
+def measure(fns, reps, clock=time.perf_counter):
     times = {k: [] for k in fns}
     results = {k: f() for k, f in fns.items()}  # warm-up, and kept for a sanity check
     for _ in range(reps):
         for k, f in fns.items():
-            t = time.perf_counter()
+            t = clock()
             f()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
     return {k: statistics.median(v) for k, v in times.items()}, results
 
 
@@ -101,13 +102,16 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--types", default=",".join(q.name for q in QTYPE_BLOCK))
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: process CPU time instead of wall time; with --threads 1 it "
+                         "shrugs off other processes competing for the cores")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(64, 512), (64, 1024)] if args.quick else [(3072, 3072), (3072, 12288)]
     reps = 1 if args.quick else args.reps
     city = load_city96()
     rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {reps} reps; "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {reps} reps; "
           f"city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
     hdr = (f"{'type':7} {'shape':>11} {'ours':>7} {'ref':>7} {'city96':>7} {'memcpy':>7} "
            f"{'ours/ref':>9} {'ours/c96':>9} {'ours/memcpy':>12}")
@@ -117,7 +121,8 @@ def main(argv=None):
         qt = QT[name]
         for rows, cols in shapes:
             raw = make_raw(qt, rows, cols, rng)
-            t, res = measure(methods(qt, raw, (rows, cols), city), reps)
+            clock = time.perf_counter if args.clock == "wall" else time.process_time
+            t, res = measure(methods(qt, raw, (rows, cols), city), reps, clock)
             if not torch.equal(res["ours"], res["ref"]):
                 raise SystemExit(f"{name}: result differs from the gguf reference")
             gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
+from hypothesis import given, settings, strategies as st
 
 import vbar_loaders.loaders.gguf_dequant as gd
 from vbar_loaders.loaders.errors import GGUFError
@@ -86,6 +87,14 @@ def test_many_chunks_with_a_partial_last_one(qt, monkeypatch):
     assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
     got = ours(raw, qt, shape, torch.bfloat16)
     assert torch.equal(got, reference(raw, qt).bfloat16())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(QUANTS), st.integers(1, 3), st.integers(1, 7), st.integers(0, 2**32 - 1))
+def test_any_block_count(qt, rows, blocks_per_row, seed):
+    shape = shape_for(qt, rows, blocks_per_row)
+    raw = random_blocks(qt, *shape, seed=seed)
+    assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
 
 
 @pytest.mark.parametrize("qt", (QT.Q4_K, QT.Q5_0, QT.F16), ids=lambda q: q.name)
