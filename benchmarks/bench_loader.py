@@ -95,20 +95,24 @@ def main():
     x = torch.randn(tokens, width)
     with torch.no_grad():
         ref = plain(x)
-        t_plain = median_time(lambda: plain(x), reps + 2)
 
-        def vbar_step(budget):
+        def vbar_model(budget):
             model = copy.deepcopy(plain)
             pool = Pool(HostBackend(), budget=budget)
             vbarize(model, WeightStore("bench", pool, copy_streams=True))
             assert torch.equal(model(x), ref)          # warm: copies in what fits
-            t = median_time(lambda: model(x), reps + 2)
-            st = pool.stats()
-            pool.close()
-            return t, st
+            return model, pool
 
-        t_res, _ = vbar_step(4 * size)
-        t_half, st_half = vbar_step(size // 2)
+        # Interleave the runs (A B A B ...) so drift in the machine's load hits both alike.
+        resident, pool_res = vbar_model(4 * size)
+        t_plain, t_res = interleaved(lambda: plain(x), lambda: resident(x), reps + 4)
+        pool_res.close()
+        del resident
+        half, pool_half = vbar_model(size // 2)
+        t_half = median_time(lambda: half(x), reps + 2)
+        st_half = pool_half.stats()
+        pool_half.close()
+        del half
     gc.collect()
     streamed = st_half["offloaded"] / max(1, st_half["faults"])
     bw = bandwidth(size // 2)
@@ -128,6 +132,16 @@ def main():
     for name, value, goal, verdict in rows:
         print(f"{name:48s} {value:10.3f}  {goal:6s}  {verdict}")
     os.remove(path)
+
+
+def interleaved(a, b, reps):
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def bandwidth(nbytes):
