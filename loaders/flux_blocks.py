@@ -1,0 +1,146 @@
+"""Flux block pinning: keep the first N double / M single blocks resident, the rest fault.
+
+The popular node this replaces moves whole blocks with blocking copies every step; here a
+pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
+evicted) and every other layer faults within the budget. Nothing here imports ComfyUI.
+"""
+import re
+import weakref
+
+# Flux.1 as ComfyUI's detection builds it: hidden 3072, MLP ratio 4, 24 heads of 128.
+FLUX_HIDDEN = 3072
+FLUX_MLP_RATIO = 4
+FLUX_HEAD_DIM = 128
+FLUX_DOUBLE_BLOCKS = 19
+FLUX_SINGLE_BLOCKS = 38
+NF4_BLOCKSIZE = 64
+
+_BLOCK = re.compile(r"(?:^|\.)(double|single)_blocks\.(\d+)(?:\.|$)")
+
+
+def flux_block_linears(hidden=FLUX_HIDDEN, mlp_ratio=FLUX_MLP_RATIO):
+    """(out_features, in_features) of every Linear in one double and one single block."""
+    h, mlp = hidden, int(hidden * mlp_ratio)
+    stream = [(6 * h, h), (3 * h, h), (h, h), (mlp, h), (h, mlp)]   # mod.lin, qkv, proj, mlp.0, mlp.2
+    return {"double": stream * 2,                                     # img_* and txt_*
+            "single": [(3 * h + mlp, h), (h, h + mlp), (3 * h, h)]}  # linear1, linear2, modulation
+
+
+def flux_block_bytes(hidden=FLUX_HIDDEN, mlp_ratio=FLUX_MLP_RATIO, head_dim=FLUX_HEAD_DIM):
+    """Bytes one block occupies: {"double"|"single": {"bf16": n, "nf4": n}}.
+
+    NF4 is the bitsandbytes layout quantize-on-load writes (v2: fp32 absmax per 64 values);
+    biases and QK-norm scales stay bf16 in both.
+    """
+    out = {}
+    for kind, linears in flux_block_linears(hidden, mlp_ratio).items():
+        weights = sum(o * i for o, i in linears)
+        others = sum(o for o, _ in linears) + (4 if kind == "double" else 2) * head_dim
+        out[kind] = {"bf16": 2 * (weights + others),
+                     "nf4": weights // 2 + 4 * sum(-(-o * i // NF4_BLOCKSIZE) for o, i in linears)
+                     + 2 * others}
+    return out
+
+
+def block_size_text():
+    """'double block: 648 MiB bf16 / 182 MiB NF4; single block: ...' for node tooltips."""
+    b = flux_block_bytes()
+    return "; ".join(f"{k} block: {b[k]['bf16'] / 2**20:.0f} MiB bf16 / {b[k]['nf4'] / 2**20:.0f} MiB NF4"
+                     for k in ("double", "single"))
+
+
+def _counts(indices):
+    # Like ComfyUI's count_blocks: blocks 0, 1, 2... up to the first gap.
+    n = 0
+    while n in indices:
+        n += 1
+    return n
+
+
+def count_blocks(names):
+    """(double, single) Flux blocks among state-dict keys or module names."""
+    found = {"double": set(), "single": set()}
+    for name in names:
+        m = _BLOCK.search(name)
+        if m:
+            found[m.group(1)].add(int(m.group(2)))
+    return _counts(found["double"]), _counts(found["single"])
+
+
+def check_block_counts(double, single, have_double, have_single, what="the model"):
+    """Raise ValueError, naming the real counts, unless 0 <= double/single <= what the model has."""
+    if not (0 <= double <= have_double and 0 <= single <= have_single):
+        raise ValueError(
+            f"{what} has {have_double} double and {have_single} single blocks, so "
+            f"double_blocks_cuda_size can be 0..{have_double} and single_blocks_cuda_size "
+            f"0..{have_single}; got {double} and {single}")
+
+
+def pin_blocks(model, double, single, what="the model"):
+    """Mark every layer of the first ``double`` double and ``single`` single blocks of
+    ``model`` (a Flux-style diffusion model) to be held resident by ``vbarize``."""
+    check_block_counts(double, single, *count_blocks(n for n, _ in model.named_modules()), what)
+    limit = {"double": double, "single": single}
+    pinned = 0
+    for name, m in model.named_modules():
+        hit = _BLOCK.search(name)
+        if hit and int(hit.group(2)) < limit[hit.group(1)]:
+            m.vbar_hold = True
+            pinned += 1
+    return pinned
+
+
+# --- pins over a model's life ------------------------------------------------------------------
+def release_pins(store, free=True):
+    """Let the held slots of ``store`` be evicted again (and, with ``free``, evict them now)."""
+    v = store.vbar
+    if v is None or v.closed:
+        return
+    for h in store.handles:
+        if h.held and h.slot is not None:
+            v.release(h.slot)
+    if free:
+        v.free_memory(v.size)
+
+
+def restore_pins(store):
+    """Hold ``store``'s pinned slots again (after release_pins), unless the store was retired.
+
+    Raises vram.BudgetExceeded naming the MiB if they no longer fit."""
+    v = store.vbar
+    if v is None or v.closed or getattr(store, "vbar_pins_retired", False):
+        return
+    held = [h for h in store.handles if h.held and h.slot is not None]
+    try:
+        for h in held:
+            v.hold(h.slot)
+    except Exception as e:
+        from ..vram import BudgetExceeded
+
+        release_pins(store, free=False)
+        raise BudgetExceeded(
+            f"{store.name}: the pinned blocks need {sum(h.nbytes for h in held) / 2**20:.0f} MiB "
+            f"resident but the VRAM budget is {store.pool.budget() / 2**20:.0f} MiB ({e}). Pin "
+            f"fewer blocks or raise the budget") from e
+
+
+_owned = {}   # owner token -> [weakref(WeightStore)] of its previous loads
+
+
+def retire_pins(owner):
+    """A new load by ``owner`` replaces its previous ones: release their pins for good.
+
+    ComfyUI keeps a node's previous output alive (its cache) while the node runs again, so the
+    old model's held pages would otherwise still count when the new one pins its blocks."""
+    if owner is None:
+        return
+    for ref in _owned.pop(owner, []):
+        store = ref()
+        if store is not None:
+            store.vbar_pins_retired = True
+            release_pins(store)
+
+
+def track_pins(store, owner):
+    if owner is not None and any(h.held for h in store.handles):
+        _owned.setdefault(owner, []).append(weakref.ref(store))

@@ -1,0 +1,178 @@
+"""NF4 checkpoints and diffusion models in ComfyUI, with Flux block pinning.
+
+ComfyUI detects and builds the model from the *logical* state dict (4-bit weights replaced by
+meta tensors of their real shape: see nf4_model), with our adopting operations; the Linear
+layers are then pointed at their packed bytes, the first N double / M single blocks marked
+to be held resident, and ``wrap_model`` puts everything behind the VBAR.
+
+Pins follow the model's life in ComfyUI: released when ComfyUI unloads the model (ON_DETACH),
+held again when it loads it (ON_LOAD), and released for good when the same node loads again,
+since ComfyUI keeps the node's previous MODEL in its output cache meanwhile.
+"""
+import logging
+import os
+
+from .errors import ModelFileError, NF4Error
+from .flux_blocks import check_block_counts, count_blocks, pin_blocks, release_pins, restore_pins
+from .flux_blocks import retire_pins, track_pins
+
+log = logging.getLogger("vbar")
+_CALLBACK_KEY = "vbar_flux_block_pins"
+
+
+def file_block_counts(path):
+    """(double, single) Flux blocks in a .safetensors file, from its header only."""
+    from .safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(path, verify=False) as f:
+        return count_blocks(f.keys())
+
+
+def validate_block_counts(path, double, single):
+    """For a node's VALIDATE_INPUTS: True, or the message explaining the allowed counts."""
+    try:
+        check_block_counts(double, single, *file_block_counts(path), what=os.path.basename(path))
+    except (ValueError, ModelFileError) as e:
+        return str(e)
+    return True
+
+
+def _unet_prefix(sd):
+    import comfy.model_detection
+
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    # ComfyUI strips it only if keys carry it (diffusion-model files usually have none).
+    return prefix if any(k.startswith(prefix) for k in sd) else ""
+
+
+def _open(path, double, single):
+    from .comfy_loaders import _check_supported, open_checked
+    from .nf4_model import split_nf4_state_dict
+
+    sd, metadata, check = open_checked(path)
+    _check_supported(sd, path)
+    logical, weights = split_nf4_state_dict(sd, path)
+    check_block_counts(double, single, *count_blocks(logical), what=os.path.basename(str(path)))
+    prefix = _unet_prefix(logical)
+    outside = [p for p in weights if not p.startswith(prefix)]
+    if outside:
+        raise NF4Error(path, "4-bit weight outside the diffusion model (text encoder or VAE): VBAR "
+                             "NF4 loaders support 4-bit diffusion models only",
+                       "Use a checkpoint whose text encoders are fp16/bf16/fp8",
+                       tensor=outside[0] + ".weight")
+    return logical, weights, prefix, metadata, check
+
+
+def _size_mismatch(path, e):
+    # ComfyUI's load_state_dict reports a 4-bit shape that does not fit the detected model
+    # as a bare RuntimeError; name the file.
+    if "size mismatch" in str(e):
+        return NF4Error(path, f"a weight's shape does not match the model ComfyUI detected ({e})",
+                        "The file is damaged or made for another model")
+    return e
+
+
+def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_load, check, owner):
+    """Attach the 4-bit weights, pin blocks, put the model behind the VBAR."""
+    import comfy.model_management as mm
+
+    from .comfy_loaders import _is_adopting, wrap_model
+    from .comfy_patcher import stores_of
+    from .nf4_model import attach_nf4, quantize_linears
+
+    diffusion = patcher.model.diffusion_model
+    name = os.path.basename(str(path))
+    if weights:
+        attach_nf4(diffusion, weights, path, prefix)
+    elif quantize_on_load:
+        device = patcher.load_device if patcher.load_device.type == "cuda" else None
+        q = quantize_linears(diffusion, include=lambda n, m: _is_adopting(m), device=device)
+        attach_nf4(diffusion, q, path)
+        log.info("%s: %d Linear weights quantized to NF4 on load", name, len(q))
+        if device is not None:
+            mm.soft_empty_cache()
+    pin_blocks(diffusion, double, single, what=name)
+    wrap_model(patcher, name, source_check=check)
+    store = stores_of(patcher)[-1]
+    if any(h.held for h in store.handles):
+        _follow_comfy(patcher, store)
+        track_pins(store, owner)
+        log.info("%s: %d double / %d single blocks pinned, %.0f MiB held", name, double, single,
+                 store.held_bytes() / 2**20)
+    return patcher
+
+
+def _follow_comfy(patcher, store):
+    from comfy.patcher_extension import CallbacksMP
+
+    def on_detach(p, unpatch_all):
+        if unpatch_all:          # unloaded (not a clone taking over): let the pages go
+            release_pins(store)
+
+    def on_load(p, *args):
+        restore_pins(store)
+
+    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, _CALLBACK_KEY, on_detach)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, _CALLBACK_KEY, on_load)
+
+
+def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on_load=False,
+                             owner=None):
+    """MODEL from an NF4/FP4 diffusion model file (or a float one, quantized if asked).
+
+    ``owner``: a token for the caller (e.g. the node); its previous load's pins are released.
+    """
+    import comfy.sd
+
+    from .comfy_ops import vbar_operations
+
+    logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks)
+    retire_pins(owner)
+    try:
+        model = comfy.sd.load_diffusion_model_state_dict(
+            logical, model_options={"custom_operations": vbar_operations()})
+    except RuntimeError as e:
+        raise _size_mismatch(path, e) from e
+    if model is None:
+        raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
+                             "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
+    return _finish_model(model, path, weights, prefix, double_blocks, single_blocks,
+                         quantize_on_load, check, owner)
+
+
+def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_directory=None,
+                        owner=None):
+    """MODEL, CLIP, VAE from an NF4 checkpoint (Flux NF4 files: 4-bit diffusion model,
+    fp16/fp8 text encoders, bf16 VAE). CLIP is None when the file has no text encoders."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from .comfy_loaders import wrap_clip, wrap_vae
+    from .comfy_ops import vbar_operations
+
+    logical, weights, prefix, metadata, check = _open(path, double_blocks, single_blocks)
+    # ComfyUI falls back to a diffusion-model load without our operations when detection fails,
+    # which cannot hold 4-bit weights: refuse first.
+    if comfy.model_detection.model_config_from_unet(logical, prefix, metadata=metadata) is None:
+        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
+                             "Use the VBAR NF4 Diffusion Model Loader for diffusion-model-only files")
+    retire_pins(owner)
+    ops = vbar_operations()
+    try:
+        out = comfy.sd.load_state_dict_guess_config(
+            logical, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+            model_options={"custom_operations": ops},
+            te_model_options={"custom_operations": ops,
+                              "initial_device": mm.text_encoder_offload_device()},
+            metadata=metadata)
+    except RuntimeError as e:
+        raise _size_mismatch(path, e) from e
+    model, clip, vae = out[:3]
+    base = os.path.basename(str(path))
+    _finish_model(model, path, weights, prefix, double_blocks, single_blocks, False, check, owner)
+    if clip is not None:
+        wrap_clip(clip, base + ":clip", source_check=check)
+    if vae is not None and getattr(vae, "first_stage_model", None) is not None:
+        wrap_vae(vae, base + ":vae")
+    return model, clip, vae

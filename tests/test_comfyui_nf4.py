@@ -1,0 +1,214 @@
+"""Real ComfyUI (COMFYUI_PATH): the VBAR NF4 Diffusion Model Loader on the harness's tiny Flux.
+
+Tiny NF4 files (v2: fp32 absmax; v1: double-quantized absmax) are written by quantizing the
+harness's bf16 tiny_flux with nf4_state_dict_entries; the reference for each is ComfyUI's stock
+UNETLoader on a bf16 safetensors file of its dequantized weights. On CPU both compute in fp32
+from the same bf16 values (we expand to the weights' original bf16, then cast, as ComfyUI casts
+the reference's bf16 weights), so the images must be byte-identical.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+from vbar_loaders.loaders.flux_blocks import flux_block_bytes
+
+from comfy_env import comfy_paths, ensure_models, start_server
+from test_comfyui_checkpoint import digest, load_wf
+
+pytestmark = pytest.mark.comfyui
+
+TAG = "vbar-nf4-test-1"          # bump when the way the files are made changes
+LAYOUTS = ("v2", "v1")
+NF4 = "vbar_test_tiny_flux_nf4_{}.safetensors"
+DEQUANT = "vbar_test_tiny_flux_nf4_{}_dequantized.safetensors"
+STEPS = 2                        # every CPU step expands all 545 M weights: keep the runs short
+
+
+@pytest.fixture(scope="module")
+def server():
+    comfy, harness, python, models = comfy_paths()
+    ensure_models(harness, python, models, comfy)
+    write_nf4_files(models)
+    srv = start_server(harness, comfy, python, models)
+    srv.harness_dir = harness
+    yield srv
+    srv.stop()
+
+
+def _fresh(path):
+    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+
+    if not os.path.isfile(path):
+        return False
+    with SafetensorsFile(path, verify=False) as f:
+        return (f.metadata or {}).get("vbar_test") == TAG
+
+
+def write_nf4_files(models):
+    """Quantize every Linear (2-D) weight of tiny_flux; write the NF4 file and its dequantized
+    bf16 twin. Kept between runs (tagged), ~1.3 GB per layout."""
+    from safetensors.torch import save_file
+
+    from vbar_loaders.loaders.nf4 import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
+    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+
+    folder = os.path.join(models, "diffusion_models")
+    for layout in LAYOUTS:
+        nf4_path, deq_path = (os.path.join(folder, n.format(layout)) for n in (NF4, DEQUANT))
+        if _fresh(nf4_path) and _fresh(deq_path):
+            continue
+        src = SafetensorsFile(os.path.join(folder, "tiny_flux.safetensors"))
+        nf4, deq = {}, {}
+        for k in src.keys():
+            t = src.get_tensor(k)
+            if k.endswith(".weight") and t.ndim == 2:
+                prefix = k[: -len(".weight")]
+                entries = nf4_state_dict_entries(prefix, t, compress_statistics=(layout == "v1"))
+                nf4.update(entries)
+                deq[k] = dequantize_nf4(parse_quant_state(entries, prefix, nf4_path), torch.bfloat16)
+            else:
+                nf4[k] = deq[k] = t.clone()
+        meta = {"vbar_test": TAG}
+        save_file(deq, deq_path, metadata=meta)
+        save_file(nf4, nf4_path, metadata=meta)
+
+
+def flux(srv, unet, nf4=True, double=0, single=0, quantize_on_load=True, budget=None):
+    wf = load_wf(srv, "flux_tiny_api.json")
+    wf["5"]["inputs"]["steps"] = STEPS
+    if nf4:
+        wf["1"] = {"class_type": "VBARNF4DiffusionModelLoader", "inputs": {
+            "unet_name": unet, "double_blocks_cuda_size": double, "single_blocks_cuda_size": single,
+            "quantize_on_load": quantize_on_load}}
+    else:
+        wf["1"]["inputs"]["unet_name"] = unet
+    if budget is not None:
+        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
+            "model": ["1", 0], "budget_gb": budget, "headroom_gb": 0.0}}
+        wf["5"]["inputs"]["model"] = ["91", 0]
+    return wf
+
+
+def vbar_stats(srv, name):
+    return [v for v in srv.get("/vbar/stats")["pools"]["cpu"]["vbars"] if v["name"] == name]
+
+
+@pytest.fixture(scope="module")
+def stock(server):
+    """Image digests of ComfyUI's own UNETLoader on the dequantized files (and on tiny_flux)."""
+    out = {}
+    for layout in LAYOUTS:
+        out[layout] = digest(server.run(flux(server, DEQUANT.format(layout), nf4=False), fresh_cache=True))
+    out["bf16"] = digest(server.run(flux(server, "tiny_flux.safetensors", nf4=False), fresh_cache=True))
+    assert len(set(out.values())) == 3   # three different weight sets: three different images
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nf4_file_matches_stock_on_dequantized_weights(server, stock, layout):
+    name = NF4.format(layout)
+    counts = [(0, 0), (1, 0), (1, 1)] if layout == "v2" else [(1, 1)]
+    for double, single in counts:
+        r = server.run(flux(server, name, double=double, single=single), fresh_cache=True)
+        assert digest(r) == stock[layout], f"{layout} pinned {double}+{single}: differs from stock"
+        # The model that just ran is the highest-priority VBAR of that name; an older one still
+        # alive (ComfyUI frees lazily) holds nothing: its pins were released by the new load.
+        vbars = vbar_stats(server, name)
+        assert vbars and all(v["held_bytes"] == 0 for v in vbars[1:])
+        # v2 blocks are exactly the tooltip's NF4 size (but fp32 biases on CPU); v1 has 8-bit absmax.
+        b = flux_block_bytes()
+        want = double * b["double"]["nf4"] + single * b["single"]["nf4"]
+        assert 0.9 * want <= vbars[0]["held_bytes"] <= 1.01 * want, (double, single, vbars[0])
+
+
+def test_quantize_on_load_equals_the_v2_file(server, stock):
+    r = server.run(flux(server, "tiny_flux.safetensors", double=1, single=1), fresh_cache=True)
+    assert digest(r) == stock["v2"]
+    # Off: the bf16 weights as they are, still with pinned blocks.
+    r = server.run(flux(server, "tiny_flux.safetensors", double=1, single=0, quantize_on_load=False),
+                   fresh_cache=True)
+    assert digest(r) == stock["bf16"]
+
+
+def test_counts_above_the_model_are_rejected_before_the_run(server):
+    r = server.run(flux(server, NF4.format("v2"), double=2, single=0), fresh_cache=True)
+    assert r.status == "rejected", r.errors
+    text = " ".join(r.errors)
+    assert "has 1 double and 1 single blocks" in text and "got 2 and 0" in text, text
+
+
+def test_rerun_with_other_counts_under_a_tight_budget(server):
+    """Re-running the node with other counts while ComfyUI still caches the previous MODEL: the
+    previous pins are released, so a budget that fits one set of pins is enough."""
+    name = NF4.format("v2")
+
+    def run(double, single, budget=0.4, **kw):
+        wf = flux(server, name, double=double, single=single, budget=budget)
+        wf["5"]["inputs"]["steps"] = 1          # images are compared elsewhere; this is about pins
+        r = server.run(wf, **kw)
+        assert r.ok, r.errors
+        return [v["held_bytes"] for v in vbar_stats(server, name)]
+
+    # 0.4 GB: pins of 1 double + 1 single (~259 MiB) fit once, not twice.
+    run(1, 1, fresh_cache=True)
+    b = flux_block_bytes()
+    for double, single in ((1, 0), (0, 1), (1, 1)):        # no /free: the old MODEL stays cached
+        held = run(double, single)
+        want = double * b["double"]["nf4"] + single * b["single"]["nf4"]
+        assert 0.99 * want <= held[0] <= 1.01 * want and not any(held[1:]), held
+    run(0, 0, budget=64.0, fresh_cache=True)               # leave the budget open
+
+
+def test_pins_follow_comfyui_unloading_and_loading_the_model(server):
+    import time
+
+    name = NF4.format("v2")
+    wf = flux(server, name, double=1, single=0)
+    assert server.run(wf, fresh_cache=True).status == "success"
+    assert vbar_stats(server, name)[0]["held_bytes"] > 0
+    server.free(unload_models=True, free_memory=False)    # MODEL stays cached, ComfyUI unloads it
+    deadline = time.time() + 30
+    while vbar_stats(server, name)[0]["held_bytes"] and time.time() < deadline:
+        time.sleep(0.2)
+    assert vbar_stats(server, name)[0]["held_bytes"] == 0
+    wf["5"]["inputs"]["seed"] = 43                         # the cached MODEL samples again
+    r = server.run(wf)
+    assert r.status == "success" and "1" in r.cached_nodes, (r.errors, r.cached_nodes)
+    assert vbar_stats(server, name)[0]["held_bytes"] > 0
+
+
+LORA = "vbar_test_flux_lora.safetensors"
+
+
+def write_flux_lora(models):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for layer, (out_f, in_f) in {"double_blocks_0_img_attn_qkv": (9216, 3072),
+                                 "single_blocks_0_linear2": (3072, 15360)}.items():
+        lora[f"lora_unet_{layer}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
+        lora[f"lora_unet_{layer}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
+    os.makedirs(os.path.join(models, "loras"), exist_ok=True)
+    save_file(lora, os.path.join(models, "loras", LORA))
+
+
+def test_lora_on_nf4_matches_stock(server):
+    """LoRA patches apply to the expanded weight, pinned (double 0) or streamed (single 0)."""
+    write_flux_lora(os.environ.get("COMFY_HARNESS_MODELS") or comfy_paths()[3])
+
+    def with_lora(wf):
+        wf = copy.deepcopy(wf)
+        wf["90"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["1", 0], "lora_name": LORA, "strength_model": 1.0}}
+        wf["5"]["inputs"]["model"] = ["90", 0]
+        return wf
+
+    stock = digest(server.run(with_lora(flux(server, DEQUANT.format("v2"), nf4=False)), fresh_cache=True))
+    plain = digest(server.run(flux(server, DEQUANT.format("v2"), nf4=False), fresh_cache=True))
+    assert stock != plain                                  # the LoRA does change the image
+    got = digest(server.run(with_lora(flux(server, NF4.format("v2"), double=1, single=0)),
+                            fresh_cache=True))
+    assert got == stock
