@@ -24,7 +24,18 @@ def _param(m, name, device, dtype):
             return contextlib.nullcontext(None)
         return contextlib.nullcontext(p.to(device=device, dtype=dtype))
     patches = getattr(m, f"{name}_function", None) or None
+    patch_dtype = getattr(m, "vbar_patch_dtype", None)
+    if patches and patch_dtype is not None and patch_dtype != dtype:
+        # Loader option: patches (LoRA) computed in a chosen dtype, e.g. float32 on bf16.
+        return _cast(m._vbar_store.use(h, device, patch_dtype, patches,
+                                       getattr(m, "vbar_patch_key", None)), dtype)
     return m._vbar_store.use(h, device, dtype, patches, getattr(m, "vbar_patch_key", None))
+
+
+@contextlib.contextmanager
+def _cast(ctx, dtype):
+    with ctx as w:
+        yield w.to(dtype)
 
 
 def _linear(m, x):

@@ -1,0 +1,159 @@
+"""GGUF diffusion models and text encoders as VBAR-backed ComfyUI objects.
+
+The VBAR slots hold the *quantized* bytes (4-8x smaller than bf16, so far more of a model stays
+resident); each use dequantizes on the compute device into a temporary. ComfyUI detects and
+builds the model from GGUFWeight tensors, which report logical shapes, and our operations adopt
+them without copying. Imports ComfyUI only inside functions.
+"""
+import logging
+import os
+
+from .errors import GGUFError
+from .gguf_file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
+from .gguf_names import text_encoder_names
+from .gguf_weights import (attach_sources, choice_dtype, dequantize_unmanaged, gguf_state_dict,
+                           set_patch_dtype)
+
+log = logging.getLogger("vbar")
+
+GGUF_EXT = ".gguf"
+
+
+def _check_all(checks):
+    """One ``source_check(key)`` running every file's check (None if there are none)."""
+    if not checks:
+        return None
+
+    def check(key):
+        for c in checks:
+            c(key)
+
+    return check
+
+
+def _plain_embeddings(model):
+    """Embedding tables become ordinary tensors in the dtype ComfyUI chose for the layer.
+
+    ComfyUI reads them directly (a text encoder runs on its token table's device; CLIP adds its
+    position table itself), and the token tables stay out of the VBAR. A stock load stores them
+    in the layer's dtype, so an F32 table from a file is converted too, to compute the same."""
+    import torch
+
+    from .gguf_weights import GGUFWeight
+
+    for m in model.modules():
+        p = m._parameters.get("weight") if isinstance(m, torch.nn.Embedding) else None
+        if p is None or p.is_meta:
+            continue
+        dtype = getattr(m, "vbar_store_dtype", None)
+        if isinstance(p, GGUFWeight):
+            new = p.dequantize(dtype if dtype is not None and dtype.is_floating_point
+                               else torch.float32)
+        elif dtype is not None and p.dtype.is_floating_point and p.dtype != dtype:
+            new = p.detach().to(dtype)
+        else:
+            continue
+        m._parameters["weight"] = torch.nn.Parameter(new, requires_grad=False)
+
+
+def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="default"):
+    """MODEL from a diffusion-model .gguf (Flux, SD1.x, SDXL, SD3 ... as city96's converter
+    writes them).
+
+    ``dequant_dtype``: "default" = the dtype ComfyUI would store the weights in (a stock load of
+    the dequantized weights computes the same), "target" = the compute dtype directly, or
+    float32/float16/bfloat16. ``patch_dtype``: the dtype LoRA and other weight patches are
+    applied in ("default"/"target": the compute dtype, as ComfyUI's low-VRAM mode does)."""
+    import comfy.sd
+
+    from .comfy_loaders import wrap_model
+    from .comfy_ops import vbar_operations
+
+    dq = choice_dtype(dequant_dtype, "dequant_dtype")
+    pd = choice_dtype(patch_dtype, "patch_dtype")
+    pd = None if pd == "target" else pd      # both mean: the dtype the layer computes in
+    gf = GGUFFile(path)
+    arch = gf.architecture
+    if arch in TEXT_ARCHS:
+        raise GGUFError(path, f"this is a text encoder (architecture '{arch}'), not a diffusion "
+                        f"model", "Load it with the VBAR GGUF CLIP Loader")
+    if arch is not None and arch not in IMAGE_ARCHS:
+        log.warning("%s: unknown GGUF architecture '%s'; letting ComfyUI detect the model",
+                    path, arch)
+    sd = gguf_state_dict(gf, dequant_dtype=dq)
+    model = comfy.sd.load_diffusion_model_state_dict(
+        sd, model_options={"custom_operations": vbar_operations()})
+    if model is None:
+        raise GGUFError(path, f"ComfyUI does not recognise this diffusion model (GGUF "
+                        f"architecture {arch or 'not recorded'})",
+                        "Check that the file is a diffusion model ComfyUI supports, converted "
+                        "with its original (not diffusers) tensor names")
+    diffusion = model.model.diffusion_model
+    _plain_embeddings(diffusion)
+    attach_sources(diffusion)
+    wrap_model(model, os.path.basename(str(path)), source_check=gf.check_unchanged)
+    dequantize_unmanaged(diffusion)   # anything vbarize did not take (none in known models)
+    set_patch_dtype(diffusion, pd)
+    return model
+
+
+def text_encoder_state_dict(gf):
+    """State dict of a text-encoder .gguf under ComfyUI's names (llama.cpp T5 names mapped)."""
+    arch = gf.architecture
+    if arch is not None and arch in IMAGE_ARCHS:
+        raise GGUFError(gf.path, f"this is a diffusion model (architecture '{arch}'), not a text "
+                        f"encoder", "Load it with the VBAR GGUF Diffusion Model Loader")
+    if arch is not None and arch not in ("t5", "t5encoder", "clip"):
+        raise GGUFError(gf.path, f"text-encoder architecture '{arch}' is not supported by the "
+                        f"VBAR GGUF loaders (T5 and CLIP are)",
+                        "Use a safetensors version of this encoder, or ComfyUI-GGUF")
+    names = text_encoder_names(arch, gf.keys())
+    sd = gguf_state_dict(gf, names)
+    if any(".resblocks." in k for k in sd) or "text_projection" in sd:
+        # OpenCLIP layout: ComfyUI slices in_proj and transposes text_projection while
+        # converting, which needs real values.
+        for k in list(sd):
+            if "in_proj" in k or k == "text_projection":
+                v = sd[k]
+                sd[k] = v.dequantize() if hasattr(v, "vbar_decode") else v
+    return sd
+
+
+def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=None,
+                       model_options=None):
+    """CLIP from one or more text-encoder files, .gguf and .safetensors mixed.
+
+    ``clip_type``: a CLIPLoader/DualCLIPLoader ``type`` string or a comfy.sd.CLIPType.
+    ``model_options``: extra ComfyUI model options (e.g. ``t5xxl_model_config`` in tests)."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    from .comfy_loaders import _check_supported, open_checked, wrap_clip
+    from .comfy_ops import vbar_operations
+
+    if isinstance(clip_type, str):
+        clip_type = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+    sds, checks = [], []
+    for p in paths:
+        if str(p).lower().endswith(GGUF_EXT):
+            gf = GGUFFile(p)
+            checks.append(gf.check_unchanged)
+            sds.append(text_encoder_state_dict(gf))
+        else:
+            sd, _, check = open_checked(p)
+            _check_supported(sd, p)
+            checks.append(check)
+            sds.append(sd)
+    options = {"custom_operations": vbar_operations(),
+               "initial_device": mm.text_encoder_offload_device()}
+    options.update(model_options or {})
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        state_dicts=sds, embedding_directory=embedding_directory, clip_type=clip_type,
+        model_options=options)
+    model = clip.cond_stage_model
+    _plain_embeddings(model)
+    attach_sources(model)
+    name = "+".join(os.path.basename(str(p)) for p in paths)
+    wrap_clip(clip, name, source_check=_check_all(checks))
+    dequantize_unmanaged(model)
+    return clip

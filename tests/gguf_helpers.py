@@ -1,0 +1,130 @@
+"""Write GGUF test files the way real converters do, and dequantize them with gguf-py.
+
+gguf-py quantizes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (and F16/BF16) itself but has no K-quant encoder,
+so ``quantize_q4_k`` here writes valid Q4_K blocks (simple min/max fit, not llama.cpp's
+search; only the layout matters for the tests, which compare against gguf-py's decoder).
+"""
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+
+QK_K = 256
+
+
+def _f16(x):
+    return np.asarray(x, dtype=np.float16)
+
+
+def quantize_q4_k(x):
+    """float32 (rows, cols), cols % 256 == 0 -> uint8 (rows, cols // 256 * 144) Q4_K blocks."""
+    x = np.asarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    assert cols % QK_K == 0, cols
+    b = x.reshape(-1, 8, 32)                               # blocks x sub-blocks x values
+    lo = np.minimum(b.min(-1), 0.0)
+    scale = (b.max(-1) - lo) / 15.0
+    mins = -lo
+    d = _f16(scale.max(-1) / 63.0)
+    dmin = _f16(mins.max(-1) / 63.0)
+    df, dminf = d.astype(np.float32), dmin.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(df[:, None] > 0, np.rint(scale / df[:, None]), 0)
+        mn = np.where(dminf[:, None] > 0, np.rint(mins / dminf[:, None]), 0)
+    sc = np.clip(sc, 0, 63).astype(np.uint8)
+    mn = np.clip(mn, 0, 63).astype(np.uint8)
+    d_eff = df[:, None] * sc
+    m_eff = dminf[:, None] * mn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d_eff[..., None] > 0, np.rint((b + m_eff[..., None]) / d_eff[..., None]), 0)
+    q = np.clip(q, 0, 15).astype(np.uint8)                 # blocks x 8 x 32
+    scales = np.zeros((b.shape[0], 12), dtype=np.uint8)
+    scales[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = (mn[:, 0:4] & 63) | ((mn[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 0xF) | ((mn[:, 4:8] & 0xF) << 4)
+    qs = (q[:, 0::2, :] | (q[:, 1::2, :] << 4)).reshape(-1, 128)   # pairs of sub-blocks
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+                             scales, qs], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def quantize(x, qtype):
+    """float32 array (any rank >= 1) -> what GGUFWriter.add_tensor takes for ``qtype``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == QT.Q4_K:
+        return quantize_q4_k(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+    return gguf.quants.quantize(x, qtype)
+
+
+def fits(shape, qtype):
+    return shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0
+
+
+def write_gguf(path, tensors, arch="flux", kv=None, orig_shapes=None):
+    """``tensors``: {name: (float32 array with the logical shape, qtype)}.
+
+    ``orig_shapes``: {name: stored 2-D shape}; the tensor is written flattened to that shape
+    with a ``comfy.gguf.orig_shape.<name>`` record, as city96's converter does for conv weights.
+    """
+    w = gguf.GGUFWriter(str(path), arch)
+    for k, v in (kv or {}).items():
+        if isinstance(v, str):
+            w.add_string(k, v)
+        elif isinstance(v, (list, tuple)):
+            w.add_array(k, list(v))
+        else:
+            w.add_uint32(k, v)
+    for name, (x, qt) in tensors.items():
+        x = np.asarray(x, dtype=np.float32)
+        if orig_shapes and name in orig_shapes:
+            w.add_array(f"comfy.gguf.orig_shape.{name}", [int(d) for d in x.shape])
+            x = x.reshape(orig_shapes[name])
+        data = quantize(x, qt)
+        w.add_tensor(name, data, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def reference_state_dict(path):
+    """{name: float32 torch tensor (logical shape)} decoded by gguf-py alone."""
+    r = gguf.GGUFReader(str(path))
+    out = {}
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        f = r.get_field(f"comfy.gguf.orig_shape.{t.name}")
+        if f is not None:
+            shape = tuple(int(f.parts[i][0]) for i in f.data)
+        arr = np.asarray(gguf.quants.dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32)
+        out[t.name] = torch.from_numpy(arr.copy()).reshape(shape)
+    return out
+
+
+def convert_safetensors(src, dst, qtype, arch="flux"):
+    """A safetensors model -> GGUF with city96's rules: 1-D and tiny tensors F32, the rest
+    ``qtype`` where the row length fits its block, else Q8_0, else F16."""
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(src), framework="pt") as f:
+        for k in f.keys():
+            x = f.get_tensor(k).float().numpy()
+            if x.ndim <= 1 or x.size <= 1024:
+                qt = QT.F32
+            elif fits(x.shape, qtype):
+                qt = qtype
+            elif fits(x.shape, QT.Q8_0):
+                qt = QT.Q8_0
+            else:
+                qt = QT.F16
+            tensors[k] = (x, qt)
+    write_gguf(dst, tensors, arch=arch)
+
+
+def write_reference_safetensors(gguf_path, dst):
+    """The GGUF's tensors decoded by gguf-py, as float32 safetensors (what a stock loader
+    should compute with to match the GGUF exactly)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in reference_state_dict(gguf_path).items()}, str(dst))

@@ -1,0 +1,167 @@
+"""Real ComfyUI (COMFYUI_PATH): the VBAR GGUF loaders give the same images as ComfyUI's stock
+loaders fed the same weights dequantized by gguf-py (written as float32 safetensors).
+
+The tiny Flux is converted to GGUF Q8_0 and Q4_K (1-D tensors F32, rows that do not fit a
+Q4_K block Q8_0, as city96's converter does). On CPU the model computes in float32, and our
+dequantization is bit-identical to gguf-py's in float32, so the PNGs must be byte-identical:
+plain, with the weights streamed at a tiny budget, and with a LoRA on two Flux linears.
+Text encoders: the tiny CLIP-L through the SD1.5 workflow, and (in-process, see
+comfy_gguf_te_check.py) CLIP-L + a small llama.cpp-named T5 for Flux, GGUF and safetensors mixed.
+"""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+
+from comfy_env import ROOT, comfy_paths, ensure_models, start_server
+from gguf_helpers import convert_safetensors, write_reference_safetensors
+from test_comfyui_checkpoint import digest, load_wf, stats
+
+pytestmark = pytest.mark.comfyui
+
+FLUX = "diffusion_models/tiny_flux.safetensors"
+CLIP_L = "text_encoders/tiny_clip_l.safetensors"
+LORA = "vbar_test_gguf_flux_lora.safetensors"
+LORA_TARGETS = {"double_blocks.0.img_attn.qkv": (3 * 3072, 3072),
+                "single_blocks.0.linear1": (3 * 3072 + 4 * 3072, 3072)}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A models folder: links to the harness's tiny models plus the GGUF files, their
+    dequantized references and the LoRA."""
+    comfy, harness, python, base = comfy_paths()
+    ensure_models(harness, python, base, comfy)
+    probe = subprocess.run([python, "-c", "import gguf"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"the gguf package is not installed for {python} (pip install gguf)")
+    d = tmp_path_factory.mktemp("gguf_models")
+    for sub in ("checkpoints", "vae", "diffusion_models", "text_encoders", "loras"):
+        os.makedirs(d / sub)
+    for rel in ("checkpoints/tiny_sd15.safetensors", "vae/tiny_flux_ae.safetensors"):
+        os.symlink(os.path.join(base, rel), d / rel)
+    for qt in (QT.Q8_0, QT.Q4_K):
+        gguf_path = d / "diffusion_models" / f"tiny_flux_{qt.name}.gguf"
+        convert_safetensors(os.path.join(base, FLUX), gguf_path, qt, arch="flux")
+        write_reference_safetensors(gguf_path, d / "diffusion_models" / f"tiny_flux_{qt.name}_ref.safetensors")
+    clip = d / "text_encoders" / "tiny_clip_l_Q8_0.gguf"
+    convert_safetensors(os.path.join(base, CLIP_L), clip, QT.Q8_0, arch="clip")
+    write_reference_safetensors(clip, d / "text_encoders" / "tiny_clip_l_Q8_0_ref.safetensors")
+    write_flux_lora(d / "loras" / LORA)
+    return d
+
+
+def write_flux_lora(path):
+    """ComfyUI's Flux LoRA key format, rank 4, on two linears (shape-checked by ComfyUI)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for key, (out_f, in_f) in LORA_TARGETS.items():
+        lora[f"diffusion_model.{key}.lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.05
+        lora[f"diffusion_model.{key}.lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.05
+    save_file(lora, str(path))
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    comfy, harness, python, _ = comfy_paths()
+    srv = start_server(harness, comfy, python, str(models))
+    srv.harness_dir = harness
+    yield srv
+    srv.stop()
+
+
+def flux(srv, unet, vbar, budget=None, lora=False):
+    wf = load_wf(srv, "flux_tiny_api.json")
+    wf["5"]["inputs"]["steps"] = 2          # the comparison needs no more; halves the run time
+    if vbar:
+        wf["1"] = {"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
+            "unet_name": unet, "dequant_dtype": "default", "patch_dtype": "default"}}
+    else:
+        wf["1"]["inputs"]["unet_name"] = unet
+    model = ["1", 0]
+    if lora:
+        wf["90"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": model, "lora_name": LORA, "strength_model": 1.0}}
+        model = ["90", 0]
+    if budget is not None:
+        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
+            "model": model, "budget_gb": budget, "headroom_gb": 0.0}}
+        model = ["91", 0]
+    wf["5"]["inputs"]["model"] = model
+    return wf
+
+
+def run(srv, wf):
+    return digest(srv.run(wf, fresh_cache=True))
+
+
+def test_nodes_list_only_gguf_files(server):
+    info = server.object_info()
+    unets = info["VBARGGUFDiffusionModelLoader"]["input"]["required"]["unet_name"][0]
+    assert sorted(unets) == ["tiny_flux_Q4_K.gguf", "tiny_flux_Q8_0.gguf"]
+    clips = info["VBARGGUFCLIPLoader"]["input"]["required"]["clip_name"][0]
+    assert "tiny_clip_l_Q8_0.gguf" in clips and "tiny_clip_l_Q8_0_ref.safetensors" in clips
+    stock_unets = info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert not any(n.endswith(".gguf") for n in stock_unets)
+    dual = info["VBARGGUFDualCLIPLoader"]["input"]["required"]["type"][0]
+    assert "flux" in dual and "sdxl" in dual
+
+
+def test_flux_q8_0_matches_stock_plain_and_streamed(server):
+    stock = run(server, flux(server, "tiny_flux_Q8_0_ref.safetensors", False))
+    got = run(server, flux(server, "tiny_flux_Q8_0.gguf", True, budget=64.0))
+    assert got == stock, "unlimited budget: image differs from the stock dequantized model"
+    got = run(server, flux(server, "tiny_flux_Q8_0.gguf", True, budget=0.001))
+    assert got == stock, "tiny budget: image differs from the stock dequantized model"
+    s = stats(server)
+    assert s["offloaded"] > 0
+    vbar = next(v for v in s["vbars"] if v["name"] == "tiny_flux_Q8_0.gguf")
+    # the VBAR is sized for the packed Q8_0 bytes (~0.55 GB), not the 2.2 GB of float32
+    assert vbar["allocated_bytes"] < 700 << 20, vbar
+
+
+def test_flux_q4_k_matches_stock(server):
+    stock = run(server, flux(server, "tiny_flux_Q4_K_ref.safetensors", False))
+    got = run(server, flux(server, "tiny_flux_Q4_K.gguf", True, budget=64.0))
+    assert got == stock
+
+
+def test_flux_lora_on_gguf_matches_stock(server):
+    plain = run(server, flux(server, "tiny_flux_Q8_0_ref.safetensors", False))
+    stock = run(server, flux(server, "tiny_flux_Q8_0_ref.safetensors", False, lora=True))
+    assert stock != plain, "the LoRA has no visible effect: the test would prove nothing"
+    got = run(server, flux(server, "tiny_flux_Q8_0.gguf", True, budget=64.0, lora=True))
+    assert got == stock
+
+
+def sd15_with_clip(srv, loader, clip_name):
+    wf = load_wf(srv, "sd15_tiny_api.json")
+    wf["80"] = {"class_type": loader, "inputs": {"clip_name": clip_name, "type": "stable_diffusion"}}
+    wf["2"]["inputs"]["clip"] = wf["3"]["inputs"]["clip"] = ["80", 0]
+    return wf
+
+
+def test_clip_l_gguf_matches_stock(server):
+    stock = run(server, sd15_with_clip(server, "CLIPLoader", "tiny_clip_l_Q8_0_ref.safetensors"))
+    got = run(server, sd15_with_clip(server, "VBARGGUFCLIPLoader", "tiny_clip_l_Q8_0.gguf"))
+    assert got == stock
+
+
+def test_text_encoders_in_process(models, tmp_path):
+    """CLIP-L alone, and CLIP-L + llama.cpp-named T5 for Flux (both GGUF, then the CLIP as
+    safetensors): conditioning identical to ComfyUI's stock loading of the dequantized weights."""
+    comfy, harness, python, base = comfy_paths()
+    env = dict(os.environ, PYTHONPATH=os.path.join(harness, "torchvision_stub"))
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy_gguf_te_check.py"), comfy,
+                        str(tmp_path), os.path.join(base, CLIP_L)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["t5_cond_scale"] > 0.1
+    for case in ("clip_l_gguf", "flux_dual_gguf", "flux_mixed_safetensors_gguf"):
+        assert out[case] == 0.0, out
