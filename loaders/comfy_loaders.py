@@ -74,6 +74,20 @@ def _is_adopting(m):
     return isinstance(m, AdoptingOp)
 
 
+def _convert_kept(module):
+    """Layers left out of the VBAR hold the file's tensors as adopted; give them the dtype
+    ComfyUI would have converted them to at load (a copy only where the dtypes differ)."""
+    import torch
+
+    for m in module.modules():
+        if not _is_adopting(m) or getattr(m, "_vbar_handles", None):
+            continue
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != m.vbar_store_dtype:
+                m._parameters[name] = torch.nn.Parameter(p.to(m.vbar_store_dtype),
+                                                         requires_grad=False)
+
+
 def wrap_model(patcher, name, source_check=None):
     """Move a diffusion model's layers behind a VBAR; returns the (same) patcher, adopted."""
     from .comfy_patcher import adopt
@@ -86,6 +100,7 @@ def wrap_model(patcher, name, source_check=None):
                            f"(unrecognised checkpoint?)")
     store = WeightStore(name, _pool_for(patcher.load_device), source_check=source_check)
     vbarize(diffusion, store, include=lambda n, m: _is_adopting(m))
+    _convert_kept(diffusion)
     store.enable_prefetch(prefetch_depth())
     return adopt(patcher, store)
 
@@ -111,6 +126,7 @@ def wrap_clip(clip, name, source_check=None):
                 pass
     store = WeightStore(name, _pool_for(clip.patcher.load_device), source_check=source_check)
     vbarize(model, store, include=lambda n, m: _is_adopting(m) and id(m) not in keep)
+    _convert_kept(model)
     adopt(clip.patcher, store)
     return clip
 
