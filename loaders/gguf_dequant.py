@@ -13,11 +13,15 @@ Why the code is shaped this way (measured on CPU, where eager torch is weakest):
   as ``q - 8`` are applied to the packed bytes (uint8 wrap-around read back as int8).
 * float32 is exact and, on CPU, no slower than half arithmetic (torch widens bf16 to
   float32 internally); each chunk ends with one float32 -> output dtype copy.
-* On CPU the quants are processed in chunks that stay in L2; elsewhere chunks are large
-  and only bound the scratch memory.
+* On CPU the quants are processed in chunks that stay in L2, and a big tensor is split
+  between worker threads (see ``_pool``); elsewhere chunks are large and only bound the
+  scratch memory.
 """
 import functools
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
@@ -391,23 +395,89 @@ def dequantize_into(out, raw, qtype):
     if out.numel() == 0:
         return out
     bs, ts = QTYPE_BLOCK[qt]
-    prep, body = _KERNELS[qt]
     nb = raw.numel() // ts
-    blocks = raw.view(nb, ts)
-    dst = out.view(nb, bs)
+    threads = torch.get_num_threads() if out.device.type == "cpu" else 1
+    pool = _pool(threads) if threads > 1 and nb * bs >= 2 * threads * _CPU_CHUNK else None
+    if pool is None:
+        _run(qt, raw, out, 0, nb, threads)
+        return out
+    step = -(-nb // threads)
+    step += -step % 4  # every part starts int32-aligned
+    for f in [pool.submit(_run, qt, raw, out, s, min(nb, s + step), 1) for s in range(0, nb, step)]:
+        f.result()
+    return out
+
+
+def _run(qt, raw, out, start, stop, threads):
+    """Dequantize blocks [start, stop): headers per super-chunk, quants per chunk."""
+    bs, ts = QTYPE_BLOCK[qt]
+    prep, body = _KERNELS[qt]
+    blocks, dst = raw.view(-1, ts), out.view(-1, bs)
     cpu = out.device.type == "cpu"
     # Each intra-op thread gets a cache-sized share of a chunk.
-    ch = (_CPU_CHUNK * torch.get_num_threads() if cpu else _DEV_CHUNK) // bs
-    ch = min(max(4, ch - ch % 4), nb)  # a multiple of 4 blocks keeps every chunk int32-aligned
+    ch = (_CPU_CHUNK * threads if cpu else _DEV_CHUNK) // bs
+    ch = min(max(4, ch - ch % 4), stop - start)  # multiples of 4 blocks stay int32-aligned
     sup = ch * (_PREP_CHUNKS if cpu else 1)
     buf = _Scratch(out.device)
-    for s0 in range(0, nb, sup):
-        pre = prep(blocks[s0: s0 + sup])
-        for s in range(s0, min(nb, s0 + sup), ch):
-            e = min(nb, s + ch)
+    for s0 in range(start, stop, sup):
+        pre = prep(blocks[s0: min(stop, s0 + sup)])
+        for s in range(s0, min(stop, s0 + sup), ch):
+            e = min(stop, s + ch)
             x = body(blocks[s:e], raw[s * ts: e * ts], tuple(p[s - s0: e - s0] for p in pre), buf)
             dst[s:e].view(x.shape).copy_(x)
-    return out
+
+
+# ---- CPU parallelism: split the tensor between threads whose torch ops run single-threaded.
+# Measured: with intra-op OpenMP every one of the many mid-sized ops forks and joins a
+# team, and once other processes compete for the cores each join waits for a descheduled
+# thread (10-50x slower than one thread); independent parts degrade gracefully instead.
+
+_POOL = [0, None]  # [threads, executor or None]
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(threads):
+    with _POOL_LOCK:
+        if _POOL[0] != threads:
+            if _POOL[1] is not None:
+                _POOL[1].shutdown(wait=False)
+            _POOL[:] = [threads, _make_pool(threads)]
+        return _POOL[1]
+
+
+def _make_pool(threads):
+    saved = torch.get_num_threads()
+    started = threading.Barrier(threads + 1)
+
+    def init():
+        torch.get_num_threads()  # the lazy per-thread init would otherwise undo the next line
+        torch.set_num_threads(1)
+        started.wait()
+
+    ex = ThreadPoolExecutor(threads, initializer=init, thread_name_prefix="gguf-dequant")
+    for _ in range(threads):
+        ex.submit(int)
+    started.wait()
+    torch.set_num_threads(saved)  # set_num_threads also moved the process-wide default
+    # Whether a thread's setting stays its own is a torch/OpenMP detail: check, else don't use.
+    seen = threading.Barrier(threads)
+
+    def probe():
+        seen.wait()
+        return torch.get_num_threads()
+
+    if [f.result() for f in [ex.submit(probe) for _ in range(threads)]] == [1] * threads \
+            and torch.get_num_threads() == saved:
+        return ex
+    ex.shutdown(wait=False)
+    return None
+
+
+def _forget_pool():  # a forked child has the executor but not its threads
+    _POOL[:] = [0, None]
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def dequantize(raw, qtype, shape, dtype=torch.float16):

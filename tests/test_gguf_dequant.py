@@ -89,6 +89,22 @@ def test_many_chunks_with_a_partial_last_one(qt, monkeypatch):
     assert torch.equal(got, reference(raw, qt).bfloat16())
 
 
+@pytest.mark.parametrize("qt", (QT.Q8_0, QT.Q4_K, QT.Q3_K, QT.Q5_0), ids=lambda q: q.name)
+def test_split_between_worker_threads(qt, monkeypatch):
+    bs, _ = GGML_QUANT_SIZES[qt]
+    monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs)  # small enough that 21 blocks get split
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shape = (7, 3 * bs)
+        raw = random_blocks(qt, *shape, seed=7)
+        assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
+        assert gd._POOL[0] == 2 and gd._POOL[1] is not None
+        assert torch.get_num_threads() == 2  # the pool's threads did not change ours
+    finally:
+        torch.set_num_threads(threads)
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from(QUANTS), st.integers(1, 3), st.integers(1, 7), st.integers(0, 2**32 - 1))
 def test_any_block_count(qt, rows, blocks_per_row, seed):
