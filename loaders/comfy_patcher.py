@@ -81,6 +81,13 @@ def patcher_class():
                     callback(self, device_to, lowvram_model_memory, force_patch_weights, full_load)
                 self.apply_hooks(self.forced_hooks, force_apply=True)
 
+        def cleanup(self):
+            # Sampling ended: what the prefetcher prepared for a next step that will not come
+            # must not stay pinned (it would keep those pages from other models).
+            for s in stores_of(self):
+                s.drop_prefetched()
+            return super().cleanup()
+
         def partially_unload(self, device_to, memory_to_free=0):
             for s in stores_of(self):
                 s.drop_prefetched()

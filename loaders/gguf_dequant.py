@@ -397,15 +397,24 @@ def dequantize_into(out, raw, qtype):
     bs, ts = QTYPE_BLOCK[qt]
     nb = raw.numel() // ts
     threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-    pool = _pool(threads) if threads > 1 and nb * bs >= 2 * threads * _CPU_CHUNK else None
+    pool = _pool(threads) if threads > 1 and nb * bs >= threads * _CPU_CHUNK else None
     if pool is None:
         _run(qt, raw, out, 0, nb, threads)
         return out
     step = -(-nb // threads)
     step += -step % 4  # every part starts int32-aligned
-    for f in [pool.submit(_run, qt, raw, out, s, min(nb, s + step), 1) for s in range(0, nb, step)]:
+    # Worker threads do not inherit inference mode; writing into an inference tensor outside it
+    # is an error, so they enter the caller's mode.
+    mode = torch.is_inference_mode_enabled()
+    for f in [pool.submit(_run_in_mode, mode, qt, raw, out, s, min(nb, s + step), 1)
+              for s in range(0, nb, step)]:
         f.result()
     return out
+
+
+def _run_in_mode(inference, *args):
+    with torch.inference_mode(inference):
+        return _run(*args)
 
 
 def _run(qt, raw, out, start, stop, threads):

@@ -112,6 +112,12 @@ class Prefetcher:
     def _run(self):
         if self.cuda:
             torch.cuda.set_device(self.store.device)
+        # ComfyUI samples under inference mode, so slot views made there are inference tensors;
+        # this thread must be in inference mode too to write into them.
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self):
         while True:
             op, p = self.q.get()
             if op == "stop":

@@ -106,3 +106,22 @@ def test_errors_while_preparing_reach_the_caller():
             model(x)
     store.close()
     assert pool.stats()["pinned_bytes"] == 0
+
+
+def test_prefetch_inside_inference_mode_twice():
+    """ComfyUI samples under inference mode: slot views made there are inference tensors, and
+    the worker must be allowed to write into them on the next run."""
+    model = mlp(4)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        ref = model(x)
+    pool = Pool(HostBackend(), budget=weights(model) // 2)
+    store = WeightStore("m", pool, page_size=PAGE, copy_streams=True)
+    vbarize(model, store)
+    store.enable_prefetch(2)
+    for _ in range(3):
+        with torch.inference_mode():
+            assert torch.equal(model(x), ref)
+        store.drop_prefetched()
+        pool.make_room(pool.budget())     # evict: the next run copies into the same views
+    store.close()
