@@ -101,6 +101,9 @@ def test_split_between_worker_threads(qt, monkeypatch):
         assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
         assert gd._POOL[0] == 2 and gd._POOL[1] is not None
         assert torch.get_num_threads() == 2  # the pool's threads did not change ours
+        with torch.inference_mode():  # workers write into an inference tensor
+            got = ours(raw, qt, shape, torch.bfloat16)
+        assert got.is_inference() and torch.equal(got, reference(raw, qt).bfloat16())
     finally:
         torch.set_num_threads(threads)
 
