@@ -177,9 +177,7 @@ def _to_f32(u, buf, signed=False):
 
 def _q8_0(b, flat, pre, buf):
     n = b.shape[0]
-    q = buf("f", n * 34, F32).view(n, 34)
-    q.view(-1).copy_(flat.view(I8))  # one long run; the d bytes are simply ignored
-    return torch.mul(q[:, 2:], pre[0], out=buf("g", n * 32, F32).view(n, 32))
+    return buf("f", n * 32, F32).view(n, 32).copy_(b[:, 2:].view(I8)).mul_(pre[0])
 
 
 def _q4_0(b, flat, pre, buf):
