@@ -112,10 +112,7 @@ class Prefetcher:
     def _run(self):
         if self.cuda:
             torch.cuda.set_device(self.store.device)
-        # ComfyUI samples under inference mode, so slot views made there are inference tensors;
-        # this thread must be in inference mode too to write into them.
-        with torch.inference_mode():
-            self._loop()
+        self._loop()
 
     def _loop(self):
         while True:
@@ -144,9 +141,7 @@ class Prefetcher:
                     h.sig = None
                     if store.source_check is not None:
                         store.source_check(h.key)
-                    view = h.view
-                    if view is None:
-                        view = h.view = vbar.tensor(h.slot, h.store_dtype, h.source.shape)
+                    view = store.view_of(h)
                     self._copy(p, view, h.source)
                     h.content = None
                     h.sig = r.signature

@@ -133,9 +133,7 @@ class WeightStore:
                 yield self._stream(h, device, dtype, patches, count=False, temp=ready and ready.temp)
                 return
         try:
-            view = h.view
-            if view is None:
-                view = h.view = vbar.tensor(slot, h.store_dtype, h.source.shape)
+            view = self.view_of(h)
             cacheable = patches and h.decode is None and dtype == h.store_dtype and patch_key is not None
             want = patch_key if cacheable else None
             if h.sig != r.signature or h.content != want:
@@ -155,6 +153,15 @@ class WeightStore:
             yield w
         finally:
             vbar.unpin(slot)
+
+    def view_of(self, h):
+        """The slot as a tensor, made once. Never an inference tensor: ComfyUI samples under
+        inference mode, but copies into the slot also happen outside it (prefetch thread, other
+        callers), and an inference tensor may only be written inside inference mode."""
+        if h.view is None:
+            with torch.inference_mode(False):
+                h.view = self.vbar.tensor(h.slot, h.store_dtype, h.source.shape)
+        return h.view
 
     def _stream(self, h, device, dtype, patches, count=True, temp=None):
         if count and h.slot is not None:
