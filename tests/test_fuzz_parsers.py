@@ -43,7 +43,10 @@ def test_every_mutated_file_loads_or_raises_typed_error(parser, tmp_path):
     assert not t.falsifying, text
     # Both outcomes really occur: the mutations are neither all fatal nor all harmless.
     assert t.counts["ok"] > CASES[parser] // 20 and t.counts["typed"] > CASES[parser] // 2, text
-    assert t.peak_growth < 64 << 20, text   # no allocation sized by a header field
+    # No allocation sized by a header field. The bound leaves room for torch and allocator
+    # noise seen on a loaded 2-core machine (up to ~160 MiB once); a header-sized allocation
+    # is gigabytes, or a MemoryError that counts as "other" above.
+    assert t.peak_growth < 384 << 20, text
 
 
 def test_harness_reports_crash_hang_and_huge_allocation(tmp_path, monkeypatch):
