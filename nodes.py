@@ -100,14 +100,276 @@ class VBARSetBudget:
         return (model,)
 
 
+# --- VBAR VRAM Monitor (issue 6) ------------------------------------------------------------
+from .monitor import ANY as _ANY  # noqa: E402 - the socket type is needed when the class is made
+
+
+class VBARVRAMMonitor:
+    DESCRIPTION = ("Shows the device's memory and, for every VBAR-loaded model, what is resident, "
+                   "held, streamed, and how many bytes moved since this node last ran. Drop it "
+                   "anywhere; wire any output through it to choose when it runs.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {},
+                "optional": {"passthrough": (_ANY, {
+                    "tooltip": "Anything: the monitor runs after it and passes it on unchanged."})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = (_ANY, "STRING", "IMAGE")
+    RETURN_NAMES = ("passthrough", "report", "residency_map")
+    OUTPUT_TOOLTIPS = ("The input, unchanged.", "The report as text.",
+                       "One bar per model, one cell per layer: held, resident or streamed.")
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")   # never cached: the numbers change on every run
+
+    def report(self, passthrough=None, unique_id=None):
+        from .monitor import run_monitor
+
+        return run_monitor(passthrough, key=unique_id or "node")
+
+
+# --- VBAR NF4 loaders (bitsandbytes NF4/FP4, Flux block pinning) ------------------------------
+def _nf4_block_inputs():
+    from .loaders.flux_blocks import FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, block_size_text
+
+    sizes = block_size_text()
+    tip = ("How many of the first {kind} blocks stay resident in VRAM for the whole run (pinned "
+           "first, never evicted); every other layer faults in within the VRAM budget. 0 = none "
+           "pinned. Flux has {n}. Per block: " + sizes + ".")
+    return {
+        "double_blocks_cuda_size": ("INT", {"default": 7, "min": 0, "max": FLUX_DOUBLE_BLOCKS,
+                                            "tooltip": tip.format(kind="double",
+                                                                  n=FLUX_DOUBLE_BLOCKS)}),
+        "single_blocks_cuda_size": ("INT", {"default": 7, "min": 0, "max": FLUX_SINGLE_BLOCKS,
+                                            "tooltip": tip.format(kind="single",
+                                                                  n=FLUX_SINGLE_BLOCKS)}),
+    }
+
+
+def _nf4_validate(folder, name, double, single):
+    # Runs when the prompt is queued, before anything executes: a count above what the file
+    # has is refused with the real counts instead of failing halfway through a run.
+    import folder_paths
+
+    from .loaders.nf4_comfy import validate_block_counts
+
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return f"Model in folder '{folder}' with filename '{name}' not found."
+    return validate_block_counts(path, double, single)
+
+
+class VBARNF4CheckpointLoader:
+    DESCRIPTION = ("Loads a bitsandbytes NF4/FP4 checkpoint (Flux NF4 v1/v2 files) as MODEL, CLIP and "
+                   "VAE. The 4-bit weights stay 4-bit in VRAM and are expanded per layer as it runs; "
+                   "the first double/single Flux blocks can be pinned resident.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": (_files("checkpoints"),
+                                           {"tooltip": "A .safetensors NF4 checkpoint."}),
+                             **_nf4_block_inputs()},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size):
+        return _nf4_validate("checkpoints", ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size)
+
+    def load(self, ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size, unique_id=None):
+        import folder_paths
+
+        from .loaders.nf4_comfy import load_nf4_checkpoint
+
+        return load_nf4_checkpoint(_path("checkpoints", ckpt_name), double_blocks_cuda_size,
+                                   single_blocks_cuda_size,
+                                   embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                                   owner=("VBARNF4CheckpointLoader", unique_id or id(self)))
+
+
+class VBARNF4DiffusionModelLoader:
+    DESCRIPTION = ("Loads a diffusion model whose Linear weights are NF4 in VRAM: a bitsandbytes "
+                   "NF4/FP4 file, or a bf16/fp16 one quantized on load. The first double/single Flux "
+                   "blocks can be pinned resident; the rest fault in within the VRAM budget.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (_files("diffusion_models"),),
+            **_nf4_block_inputs(),
+            "quantize_on_load": ("BOOLEAN", {
+                "default": True,
+                "tooltip": "For a bf16/fp16 file: quantize every Linear weight of the diffusion model "
+                           "to NF4 (bitsandbytes layout, blocksize 64) while loading; other weights "
+                           "stay as they are. Ignored for files that are already 4-bit."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size):
+        return _nf4_validate("diffusion_models", unet_name, double_blocks_cuda_size,
+                             single_blocks_cuda_size)
+
+    def load(self, unet_name, double_blocks_cuda_size, single_blocks_cuda_size, quantize_on_load,
+             unique_id=None):
+        from .loaders.nf4_comfy import load_nf4_diffusion_model
+
+        return (load_nf4_diffusion_model(_path("diffusion_models", unet_name),
+                                         double_blocks_cuda_size, single_blocks_cuda_size,
+                                         quantize_on_load,
+                                         owner=("VBARNF4DiffusionModelLoader", unique_id or id(self))),)
+
+
+# --- VBAR GGUF loaders (quantized bytes in the VBAR, dequantized per use) ---------------------
+GGUF_FOLDERS = {"diffusion_models": "vbar_unet_gguf", "text_encoders": "vbar_clip_gguf"}
+_GGUF_DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
+
+
+def _gguf_files(folder):
+    # A folder key of our own that shares the base key's path list (so folders added later,
+    # e.g. by extra_model_paths.yaml, show up) but lists only .gguf files; ComfyUI's own keys
+    # stay as they are, so stock loaders never list GGUF files they cannot read.
+    import folder_paths
+
+    key = GGUF_FOLDERS[folder]
+    paths = folder_paths.folder_names_and_paths[folder][0]
+    current = folder_paths.folder_names_and_paths.get(key)
+    if current is None or current[0] is not paths:
+        folder_paths.folder_names_and_paths[key] = (paths, {".gguf"})
+    return folder_paths.get_filename_list(key)
+
+
+def _clip_files():
+    return sorted(set(_files("text_encoders")) | set(_gguf_files("text_encoders")))
+
+
+def _clip_types(loader):
+    import nodes as comfy_nodes   # ComfyUI's nodes module: its type lists, new types included
+
+    return list(getattr(comfy_nodes, loader).INPUT_TYPES()["required"]["type"][0])
+
+
+def _clip_options(device):
+    if device != "cpu":
+        return {}
+    import torch
+
+    return {"load_device": torch.device("cpu"), "offload_device": torch.device("cpu")}
+
+
+class VBARGGUFDiffusionModelLoader:
+    DESCRIPTION = ("Loads a GGUF diffusion model (Flux, SD1.x, SDXL, SD3 ...). The VRAM budget "
+                   "holds the quantized bytes, 4-8x smaller than bf16, so far more of the model "
+                   "stays resident; each layer is dequantized on the device as it runs.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (_gguf_files("diffusion_models"),
+                          {"tooltip": ".gguf files in models/diffusion_models and models/unet."}),
+            "dequant_dtype": (_GGUF_DTYPES, {
+                "tooltip": "default: round to the dtype ComfyUI would keep this model's weights "
+                           "in (same results as a stock load of the dequantized weights). "
+                           "target: dequantize straight into the compute dtype. Otherwise: "
+                           "dequantize in this dtype, then cast."}),
+            "patch_dtype": (_GGUF_DTYPES, {
+                "tooltip": "The dtype LoRA and other weight patches are applied in. "
+                           "default/target: the compute dtype (like ComfyUI's low-VRAM mode); "
+                           "float32 is the most precise."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, unet_name, dequant_dtype="default", patch_dtype="default"):
+        from .loaders.comfy_gguf import load_gguf_diffusion_model
+
+        return (load_gguf_diffusion_model(_path("diffusion_models", unet_name), dequant_dtype,
+                                          patch_dtype),)
+
+
+class VBARGGUFCLIPLoader:
+    DESCRIPTION = ("Loads a text encoder from a .gguf (T5, CLIP) or .safetensors file; the VRAM "
+                   "budget holds the quantized bytes, dequantized per layer as it runs.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (_clip_files(),),
+                             "type": (_clip_types("CLIPLoader"),)},
+                "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, clip_name, type="stable_diffusion", device="default"):
+        import folder_paths
+
+        from .loaders.comfy_gguf import load_text_encoders
+
+        return (load_text_encoders([_path("text_encoders", clip_name)], type,
+                                   folder_paths.get_folder_paths("embeddings"),
+                                   _clip_options(device)),)
+
+
+class VBARGGUFDualCLIPLoader:
+    DESCRIPTION = ("Loads two text encoders (e.g. Flux: CLIP-L + T5-XXL), each a .gguf or a "
+                   ".safetensors file; quantized bytes stay quantized in the VRAM budget.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = _clip_files()
+        return {"required": {"clip_name1": (files,), "clip_name2": (files,),
+                             "type": (_clip_types("DualCLIPLoader"),)},
+                "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, clip_name1, clip_name2, type, device="default"):
+        import folder_paths
+
+        from .loaders.comfy_gguf import load_text_encoders
+
+        paths = [_path("text_encoders", clip_name1), _path("text_encoders", clip_name2)]
+        return (load_text_encoders(paths, type, folder_paths.get_folder_paths("embeddings"),
+                                   _clip_options(device)),)
+
+
 NODE_CLASS_MAPPINGS = {
     "VBARCheckpointLoader": VBARCheckpointLoader,
     "VBARDiffusionModelLoader": VBARDiffusionModelLoader,
     "VBARSetBudget": VBARSetBudget,
+    "VBARVRAMMonitor": VBARVRAMMonitor,
+    "VBARNF4CheckpointLoader": VBARNF4CheckpointLoader,
+    "VBARNF4DiffusionModelLoader": VBARNF4DiffusionModelLoader,
+    "VBARGGUFDiffusionModelLoader": VBARGGUFDiffusionModelLoader,
+    "VBARGGUFCLIPLoader": VBARGGUFCLIPLoader,
+    "VBARGGUFDualCLIPLoader": VBARGGUFDualCLIPLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VBARCheckpointLoader": "VBAR Checkpoint Loader",
     "VBARDiffusionModelLoader": "VBAR Diffusion Model Loader",
     "VBARSetBudget": "VBAR Set Budget",
+    "VBARVRAMMonitor": "VBAR VRAM Monitor",
+    "VBARNF4CheckpointLoader": "VBAR NF4 Checkpoint Loader",
+    "VBARNF4DiffusionModelLoader": "VBAR NF4 Diffusion Model Loader",
+    "VBARGGUFDiffusionModelLoader": "VBAR GGUF Diffusion Model Loader",
+    "VBARGGUFCLIPLoader": "VBAR GGUF CLIP Loader",
+    "VBARGGUFDualCLIPLoader": "VBAR GGUF Dual CLIP Loader",
 }
