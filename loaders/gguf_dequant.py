@@ -8,7 +8,7 @@ Why the code is shaped this way (measured on CPU, where eager torch is weakest):
 * Every torch op costs microseconds however small, and a strided op pays again per row
   when its rows are short (< 32 values). So block headers (scales) are unpacked with
   1-D column ops for several chunks at once, and quants in long runs (nibble "planes"
-  over whole rows), put in output order by one ``cat`` that also widens to float32.
+  over whole rows) that one ``cat`` puts in output order.
 * Bit fields are unpacked on int16/int32 views, several quants per lane; offsets such
   as ``q - 8`` are applied to the packed bytes (uint8 wrap-around read back as int8).
 * float32 is exact and, on CPU, no slower than half arithmetic (torch widens bf16 to
