@@ -32,7 +32,7 @@ _bnb = []
 
 
 def _bnb_functional():
-    # Imported on first CUDA use only: bnb is optional and slow to import.
+    # Imported on first use only: bnb is optional and slow to import.
     if not _bnb:
         try:
             import bitsandbytes.functional as F
@@ -51,12 +51,16 @@ def dequantize_nf4(w, dtype=None, device=None, out=None, chunk=None, use_bnb=Tru
     if out is not None and (out.shape != w.shape or out.dtype != dtype or out.device != device
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(w.shape)} on {device}")
-    if use_bnb and device.type == "cuda" and packed.numel() > 1 and _bnb_functional() is not None:
+    if use_bnb and device.type in ("cuda", "cpu") and packed.numel() > 1 \
+            and _bnb_functional() is not None:
         F = _bnb_functional()
-        qs = F.QuantState(absmax=absmax, shape=w.shape, dtype=dtype, blocksize=w.blocksize,
-                          quant_type=w.quant_type)
-        # bnb's kernel indexes blocks by flat position, like ours; (n, 1) is its stored layout.
-        return F.dequantize_4bit(packed.view(-1, 1), qs, out=out)
+        # A flat shape: bnb's CPU kernel picks the wrong scale when the last dimension is not a
+        # multiple of the blocksize; flat, it indexes blocks by position exactly like ours.
+        qs = F.QuantState(absmax=absmax, shape=torch.Size([w.numel]), dtype=dtype,
+                          blocksize=w.blocksize, quant_type=w.quant_type)
+        flat_out = out.view(-1) if out is not None else None
+        res = F.dequantize_4bit(packed.view(-1, 1), qs, out=flat_out)
+        return out if out is not None else res.view(w.shape)
     if out is None:
         out = torch.empty(w.shape, dtype=dtype, device=device)
     K.dequantize_4bit(packed, absmax, w.quant_type, w.numel, w.blocksize, dtype, out=out, chunk=chunk)

@@ -65,7 +65,7 @@ def test_dequant_bit_exact_vs_bnb(shape, quant_type, nested):
         w = parse_quant_state(entries, P, PATH)
         assert w.nested == nested and w.shape == x.shape and w.dtype == torch.bfloat16
         for dtype in DTYPES:
-            ours = dequantize_nf4(w, dtype)
+            ours = dequantize_nf4(w, dtype, use_bnb=False)
             assert ours.shape == x.shape
             assert same_bits(ours, bnb_dequant(entries, dtype)), (blocksize, dtype)
 
@@ -73,13 +73,13 @@ def test_dequant_bit_exact_vs_bnb(shape, quant_type, nested):
 def test_chunking_and_out_buffer():
     x = torch.randn(96, 200)  # 19200 values: 300 blocks of 64, chunks end mid-row
     w = parse_quant_state(bnb_entries(x, 64, True, "nf4"), P, PATH)
-    ref = dequantize_nf4(w, torch.bfloat16)
+    ref = dequantize_nf4(w, torch.bfloat16, use_bnb=False)
     for chunk in (64, 192, 1000, 1 << 30):
-        assert same_bits(dequantize_nf4(w, torch.bfloat16, chunk=chunk), ref)
+        assert same_bits(dequantize_nf4(w, torch.bfloat16, chunk=chunk, use_bnb=False), ref)
     out = torch.empty(96, 200, dtype=torch.bfloat16)
-    assert dequantize_nf4(w, torch.bfloat16, device="cpu", out=out) is out and same_bits(out, ref)
+    assert dequantize_nf4(w, torch.bfloat16, device="cpu", out=out, use_bnb=False) is out and same_bits(out, ref)
     with pytest.raises(ValueError):
-        dequantize_nf4(w, torch.float16, out=out)
+        dequantize_nf4(w, torch.float16, out=out, use_bnb=False)
 
 
 def test_tables_match_bnb():
@@ -133,7 +133,7 @@ def test_quantizer_round_trip_error_as_bnbs():
     # And within NF4's own resolution: half the widest code gap (0.152) times the block absmax, plus nested-scale error.
     w = parse_quant_state(ours, P, PATH)
     am = x.view(-1, 64).abs().amax(1, keepdim=True)
-    assert ((dequantize_nf4(w, torch.float32) - x).view(-1, 64) <= am * 0.17).all()
+    assert ((dequantize_nf4(w, torch.float32, use_bnb=False) - x).view(-1, 64) <= am * 0.17).all()
 
 
 def test_safetensors_file_round_trip(tmp_path):
@@ -152,7 +152,7 @@ def test_safetensors_file_round_trip(tmp_path):
             w_lazy = parse_quant_state(lazy, name + ".weight", f)
             entries = {k: v for k, v in loaded.items() if k.startswith(name + ".")}
             ref = bnb_dequant(entries, x.dtype, name)
-            assert same_bits(dequantize_nf4(w), ref) and same_bits(dequantize_nf4(w_lazy), ref)
+            assert same_bits(dequantize_nf4(w, use_bnb=False), ref) and same_bits(dequantize_nf4(w_lazy, use_bnb=False), ref)
 
 
 def test_quantize_returns_weight():
@@ -243,3 +243,29 @@ def test_import_does_not_load_bitsandbytes():
             "import vbar_loaders.loaders.nf4; assert 'bitsandbytes' not in sys.modules")
     root = __file__.rsplit("/tests/", 1)[0]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+
+
+def test_bitsandbytes_kernel_is_used_when_installed_and_agrees():
+    pytest.importorskip("bitsandbytes")
+    import vbar_loaders.loaders.nf4 as nf4_mod
+
+    torch.manual_seed(0)
+    for shape in ((96, 160), (48, 48)):           # 48: last dim not a multiple of the blocksize
+        for nested in (False, True):
+            w = quantize_nf4(torch.randn(shape), compress_statistics=nested)
+            calls = []
+            real = nf4_mod._bnb_functional()
+            orig = real.dequantize_4bit
+
+            def spy(*a, **k):
+                calls.append(1)
+                return orig(*a, **k)
+
+            real.dequantize_4bit = spy
+            try:
+                via_bnb = dequantize_nf4(w, torch.bfloat16)
+            finally:
+                real.dequantize_4bit = orig
+            assert calls, "bitsandbytes installed but its kernel was not used"
+            assert via_bnb.shape == shape
+            assert same_bits(via_bnb, dequantize_nf4(w, torch.bfloat16, use_bnb=False))
