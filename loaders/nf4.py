@@ -54,11 +54,13 @@ def dequantize_nf4(w, dtype=None, device=None, out=None, chunk=None, use_bnb=Tru
     if use_bnb and device.type in ("cuda", "cpu") and packed.numel() > 1 \
             and _bnb_functional() is not None:
         F = _bnb_functional()
-        # A flat shape: bnb's CPU kernel picks the wrong scale when the last dimension is not a
-        # multiple of the blocksize; flat, it indexes blocks by position exactly like ours.
-        qs = F.QuantState(absmax=absmax, shape=torch.Size([w.numel]), dtype=dtype,
+        # bnb's CPU kernel picks the wrong scale when the last dimension is not a multiple of
+        # the blocksize; a flat shape avoids that (it then indexes blocks by position, like
+        # ours) but runs slower, so it is used only where needed.
+        shape = w.shape if w.shape and w.shape[-1] % w.blocksize == 0 else torch.Size([w.numel])
+        qs = F.QuantState(absmax=absmax, shape=shape, dtype=dtype,
                           blocksize=w.blocksize, quant_type=w.quant_type)
-        flat_out = out.view(-1) if out is not None else None
+        flat_out = out.view(shape) if out is not None else None
         res = F.dequantize_4bit(packed.view(-1, 1), qs, out=flat_out)
         return out if out is not None else res.view(w.shape)
     if out is None:
