@@ -22,6 +22,7 @@ from vbar_loaders.vram import Pool
 from vbar_loaders.vram.host_backend import HostBackend
 
 PAGE = 2 << 20
+DEPTH = int(__import__("os").environ.get("VBAR_PREFETCH", "1"))
 
 
 def median_time(fn, reps):
@@ -47,7 +48,7 @@ def run(width, layers, tokens, reps):
             store = WeightStore("p4", pool, page_size=PAGE, copy_streams=True)
             vbarize(model, store)
             if prefetch:
-                store.enable_prefetch(1)
+                store.enable_prefetch(DEPTH)
             assert torch.equal(model(x), ref)
             model(x)
             before = sum(h.streams for h in store.handles)
