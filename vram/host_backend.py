@@ -20,6 +20,8 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14; older kernels answer EINVAL and we skip it
 _PROT_NONE = 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_HUGE = 2 << 20
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 
 
 def _libc():
@@ -59,11 +61,21 @@ class HostBackend(Backend):
         if nbytes <= 0 or nbytes % self.granularity:
             raise BadCall(f"reserve size {nbytes} must be a positive multiple of {self.granularity}")
         flags = mmap.MAP_PRIVATE | _MAP_ANON | _MAP_NORESERVE
-        addr = self._c.mmap(None, nbytes, _PROT_NONE, flags, -1, 0)
-        if addr is None or addr == _MAP_FAILED:
+        # Over-reserve by one huge page and trim, so the range starts 2 MiB-aligned: weights then
+        # sit in huge pages where the kernel allows them (as device memory does), and speed does
+        # not depend on where mmap happened to put the range.
+        raw = self._c.mmap(None, nbytes + _HUGE, _PROT_NONE, flags, -1, 0)
+        if raw is None or raw == _MAP_FAILED:
             err = ctypes.get_errno()
             raise BackendError(f"host backend: cannot reserve {nbytes} bytes of address space: "
                                f"{os.strerror(err)}")
+        addr = -(-raw // _HUGE) * _HUGE
+        if addr > raw:
+            self._c.munmap(raw, addr - raw)
+        tail = raw + nbytes + _HUGE - (addr + nbytes)
+        if tail:
+            self._c.munmap(addr + nbytes, tail)
+        self._c.madvise(addr, nbytes, _MADV_HUGEPAGE)   # advisory: EINVAL without THP is fine
         return addr
 
     def release(self, base, nbytes):
