@@ -27,13 +27,21 @@ def patcher_class():
 
     class VbarModelPatcher(mp.ModelPatcher):
         def _vbar_managed(self):
-            return {f"{n}.{p}" for n, m in self.model.named_modules() if isinstance(m, VbarLayer)
-                    for p in m._vbar_handles}
+            # Computed once per model: ComfyUI asks for sizes many times per prompt, and walking
+            # every module (thousands for Flux) each time would cost milliseconds.
+            model = self.model
+            if getattr(model, "_vbar_keys", None) is None:
+                model._vbar_keys = frozenset(
+                    f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, VbarLayer)
+                    for p in m._vbar_handles)
+                model._vbar_other_bytes = sum(
+                    t.numel() * t.element_size() for k, t in model.state_dict().items()
+                    if k not in model._vbar_keys)
+            return model._vbar_keys
 
         def _other_bytes(self):
-            managed = self._vbar_managed()
-            return sum(t.numel() * t.element_size() for k, t in self.model.state_dict().items()
-                       if k not in managed)
+            self._vbar_managed()
+            return self.model._vbar_other_bytes
 
         def model_size(self):
             # The bytes it takes to have the whole model resident, in the dtypes the device holds.
@@ -125,6 +133,7 @@ def adopt(patcher, store):
     patcher.__class__ = cls
     patcher._vbar_size = None
     module = patcher.model
+    module._vbar_keys = None      # layers changed: sizes are worked out again on first use
     stores = getattr(module, "_vbar_stores", None)
     if stores is None:
         stores = module._vbar_stores = []

@@ -13,9 +13,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-_NULL = contextlib.nullcontext()
-
-
 def _param(m, name, device, dtype):
     h = m._vbar_handles.get(name)
     if h is None:
@@ -48,10 +45,13 @@ def _conv(m, x):
         return m._conv_forward(x, w, b)
 
 
+_TRANSPOSE = ((torch.nn.ConvTranspose1d, 1, F.conv_transpose1d),
+              (torch.nn.ConvTranspose2d, 2, F.conv_transpose2d),
+              (torch.nn.ConvTranspose3d, 3, F.conv_transpose3d))
+
+
 def _conv_transpose(m, x, output_size=None):
-    dims = {torch.nn.ConvTranspose1d: 1, torch.nn.ConvTranspose2d: 2, torch.nn.ConvTranspose3d: 3}
-    n = next(d for cls, d in dims.items() if isinstance(m, cls))
-    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
+    n, fn = next((d, f) for cls, d, f in _TRANSPOSE if isinstance(m, cls))
     output_padding = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, n, m.dilation)
     with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
         return fn(x, w, b, m.stride, m.padding, output_padding, m.groups, m.dilation)

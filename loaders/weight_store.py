@@ -171,12 +171,18 @@ class WeightStore:
             if patches:
                 w = _apply(patches, w if w.data_ptr() != temp.data_ptr() else w.clone())
             return w
+        small = h.slot is None and h.nbytes <= self.small_bytes and not patches
+        if small:
+            w = h.small.get((device, dtype))
+            if w is not None:          # the hot path for biases and norms: no source read
+                return w
         if self.source_check is not None:
             self.source_check(h.key)
-        if h.slot is None and h.nbytes <= self.small_bytes and not patches:
-            w = h.small.get((device, dtype))
-            if w is None:
-                w = h.small[(device, dtype)] = self._materialize(h, device, dtype, copy=False)
+        if small:
+            w = self._materialize(h, device, dtype, copy=False)
+            if w.data_ptr() == h.source.data_ptr():
+                w = w.clone()          # never keep a view of the file: it may change under us
+            h.small[(device, dtype)] = w
             return w
         w = self._materialize(h, device, dtype, copy=bool(patches), transfer=self.copy_streams)
         return _apply(patches, w) if patches else w
