@@ -51,3 +51,10 @@ def start_server(harness, comfy, python, models, **kw):
         srv.stop()
         raise AssertionError(f"custom node import failed: {failures}\n{srv.log_tail(80)}")
     return srv
+
+
+def add_budget(wf, model, budget_gb, node="91"):
+    """Put VBAR Set Budget after ``model`` (an API-format link); returns the new model link."""
+    wf[node] = {"class_type": "VBARSetBudget", "inputs": {
+        "model": model, "budget_gb": budget_gb, "headroom_gb": 0.0}}
+    return [node, 0]

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from comfy_env import comfy_paths, ensure_models, start_server
+from comfy_env import add_budget, comfy_paths, ensure_models, start_server
 
 pytestmark = pytest.mark.comfyui
 
@@ -85,9 +85,7 @@ def sd15(srv, vbar, budget=None, lora=False):
         model, clip = ["90", 0], ["90", 1]
         wf["2"]["inputs"]["clip"] = wf["3"]["inputs"]["clip"] = clip
     if budget is not None:
-        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
-            "model": model, "budget_gb": budget, "headroom_gb": 0.0}}
-        model = ["91", 0]
+        model = add_budget(wf, model, budget)
     wf["5"]["inputs"]["model"] = model
     return wf
 
@@ -124,9 +122,7 @@ def flux(srv, vbar, budget=None):
     if vbar:
         wf["1"]["class_type"] = "VBARDiffusionModelLoader"
     if budget is not None:
-        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
-            "model": ["1", 0], "budget_gb": budget, "headroom_gb": 0.0}}
-        wf["5"]["inputs"]["model"] = ["91", 0]
+        wf["5"]["inputs"]["model"] = add_budget(wf, ["1", 0], budget)
     return wf
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from comfy_env import ROOT, comfy_paths, ensure_models, start_server
+from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
 from gguf_helpers import convert_safetensors, write_reference_safetensors
 from test_comfyui_checkpoint import digest, load_wf, stats
 
@@ -89,9 +89,7 @@ def flux(srv, unet, vbar, budget=None, lora=False):
             "model": model, "lora_name": LORA, "strength_model": 1.0}}
         model = ["90", 0]
     if budget is not None:
-        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
-            "model": model, "budget_gb": budget, "headroom_gb": 0.0}}
-        model = ["91", 0]
+        model = add_budget(wf, model, budget)
     wf["5"]["inputs"]["model"] = model
     return wf
 

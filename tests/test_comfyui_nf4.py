@@ -14,7 +14,7 @@ import torch
 
 from vbar_loaders.loaders.flux_blocks import flux_block_bytes
 
-from comfy_env import comfy_paths, ensure_models, start_server
+from comfy_env import add_budget, comfy_paths, ensure_models, start_server
 from test_comfyui_checkpoint import digest, load_wf
 
 pytestmark = pytest.mark.comfyui
@@ -106,9 +106,7 @@ def flux(srv, unet, nf4=True, double=0, single=0, quantize_on_load=True, budget=
     else:
         wf["1"]["inputs"]["unet_name"] = unet
     if budget is not None:
-        wf["91"] = {"class_type": "VBARSetBudget", "inputs": {
-            "model": ["1", 0], "budget_gb": budget, "headroom_gb": 0.0}}
-        wf["5"]["inputs"]["model"] = ["91", 0]
+        wf["5"]["inputs"]["model"] = add_budget(wf, ["1", 0], budget)
     return wf
 
 

@@ -1,6 +1,5 @@
 """The pack as the Comfy Registry, pip and ComfyUI see it: metadata, dependencies, import."""
 import json
-import os
 import pathlib
 import re
 import subprocess

@@ -280,7 +280,6 @@ def test_delete_detected(good):
 
 # -- fuzz ---------------------------------------------------------------------------------
 def _small_valid_file():
-    import io
     from safetensors.torch import save
     return save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3),
                  "b": torch.tensor(7, dtype=torch.int16),
