@@ -135,29 +135,29 @@ class VBARVRAMMonitor:
 
 
 # --- VBAR NF4 loaders (bitsandbytes NF4/FP4, Flux block pinning) ------------------------------
-def _nf4_block_inputs():
+def _block_inputs(default=7, formats=("bf16", "nf4")):
     from .loaders.flux_blocks import FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, block_size_text
 
-    sizes = block_size_text()
+    sizes = block_size_text(formats)
     tip = ("How many of the first {kind} blocks stay resident in VRAM for the whole run (pinned "
            "first, never evicted); every other layer faults in within the VRAM budget. 0 = none "
            "pinned. Flux has {n}. Per block: " + sizes + ".")
     return {
-        "double_blocks_cuda_size": ("INT", {"default": 7, "min": 0, "max": FLUX_DOUBLE_BLOCKS,
+        "double_blocks_cuda_size": ("INT", {"default": default, "min": 0, "max": FLUX_DOUBLE_BLOCKS,
                                             "tooltip": tip.format(kind="double",
                                                                   n=FLUX_DOUBLE_BLOCKS)}),
-        "single_blocks_cuda_size": ("INT", {"default": 7, "min": 0, "max": FLUX_SINGLE_BLOCKS,
+        "single_blocks_cuda_size": ("INT", {"default": default, "min": 0, "max": FLUX_SINGLE_BLOCKS,
                                             "tooltip": tip.format(kind="single",
                                                                   n=FLUX_SINGLE_BLOCKS)}),
     }
 
 
-def _nf4_validate(folder, name, double, single):
+def _validate_blocks(folder, name, double, single):
     # Runs when the prompt is queued, before anything executes: a count above what the file
     # has is refused with the real counts instead of failing halfway through a run.
     import folder_paths
 
-    from .loaders.nf4_comfy import validate_block_counts
+    from .loaders.comfy_pins import validate_block_counts
 
     path = folder_paths.get_full_path(folder, name)
     if path is None:
@@ -174,7 +174,7 @@ class VBARNF4CheckpointLoader:
     def INPUT_TYPES(cls):
         return {"required": {"ckpt_name": (_files("checkpoints"),
                                            {"tooltip": "A .safetensors NF4 checkpoint."}),
-                             **_nf4_block_inputs()},
+                             **_block_inputs()},
                 "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
@@ -183,7 +183,7 @@ class VBARNF4CheckpointLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size):
-        return _nf4_validate("checkpoints", ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size)
+        return _validate_blocks("checkpoints", ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size)
 
     def load(self, ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size, unique_id=None):
         import folder_paths
@@ -205,7 +205,7 @@ class VBARNF4DiffusionModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (_files("diffusion_models"),),
-            **_nf4_block_inputs(),
+            **_block_inputs(),
             "quantize_on_load": ("BOOLEAN", {
                 "default": True,
                 "tooltip": "For a bf16/fp16 file: quantize every Linear weight of the diffusion model "
@@ -219,7 +219,7 @@ class VBARNF4DiffusionModelLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size):
-        return _nf4_validate("diffusion_models", unet_name, double_blocks_cuda_size,
+        return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
                              single_blocks_cuda_size)
 
     def load(self, unet_name, double_blocks_cuda_size, single_blocks_cuda_size, quantize_on_load,
@@ -272,7 +272,8 @@ def _clip_options(device):
 class VBARGGUFDiffusionModelLoader:
     DESCRIPTION = ("Loads a GGUF diffusion model (Flux, SD1.x, SDXL, SD3 ...). The VRAM budget "
                    "holds the quantized bytes, 4-8x smaller than bf16, so far more of the model "
-                   "stays resident; each layer is dequantized on the device as it runs.")
+                   "stays resident; each layer is dequantized on the device as it runs. For Flux, "
+                   "the first double/single blocks can be pinned resident.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -288,17 +289,28 @@ class VBARGGUFDiffusionModelLoader:
                 "tooltip": "The dtype LoRA and other weight patches are applied in. "
                            "default/target: the compute dtype (like ComfyUI's low-VRAM mode); "
                            "float32 is the most precise."}),
-        }}
+        },
+            # Optional so that workflows saved before these inputs existed still load.
+            "optional": _block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),
+            "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, dequant_dtype="default", patch_dtype="default"):
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size=0, single_blocks_cuda_size=0):
+        return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
+                                single_blocks_cuda_size)
+
+    def load(self, unet_name, dequant_dtype="default", patch_dtype="default",
+             double_blocks_cuda_size=0, single_blocks_cuda_size=0, unique_id=None):
         from .loaders.comfy_gguf import load_gguf_diffusion_model
 
-        return (load_gguf_diffusion_model(_path("diffusion_models", unet_name), dequant_dtype,
-                                          patch_dtype),)
+        return (load_gguf_diffusion_model(
+            _path("diffusion_models", unet_name), dequant_dtype, patch_dtype,
+            double_blocks_cuda_size, single_blocks_cuda_size,
+            owner=("VBARGGUFDiffusionModelLoader", unique_id or id(self))),)
 
 
 class VBARGGUFCLIPLoader:

@@ -8,7 +8,9 @@ them without copying. Imports ComfyUI only inside functions.
 import logging
 import os
 
+from .comfy_pins import follow_pins
 from .errors import GGUFError
+from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
 from .gguf_file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
 from .gguf_names import text_encoder_names
 from .gguf_weights import (attach_sources, choice_dtype, dequantize_unmanaged, gguf_state_dict,
@@ -56,14 +58,18 @@ def _plain_embeddings(model):
         m._parameters["weight"] = torch.nn.Parameter(new, requires_grad=False)
 
 
-def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="default"):
+def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="default",
+                              double_blocks=0, single_blocks=0, owner=None):
     """MODEL from a diffusion-model .gguf (Flux, SD1.x, SDXL, SD3 ... as city96's converter
     writes them).
 
     ``dequant_dtype``: "default" = the dtype ComfyUI would store the weights in (a stock load of
     the dequantized weights computes the same), "target" = the compute dtype directly, or
     float32/float16/bfloat16. ``patch_dtype``: the dtype LoRA and other weight patches are
-    applied in ("default"/"target": the compute dtype, as ComfyUI's low-VRAM mode does)."""
+    applied in ("default"/"target": the compute dtype, as ComfyUI's low-VRAM mode does).
+    ``double_blocks``/``single_blocks``: the first N double / M single Flux blocks are pinned
+    resident (their quantized bytes); ``owner``: a token for the caller, whose previous load's
+    pins are released."""
     import comfy.sd
 
     from .comfy_loaders import wrap_model
@@ -80,7 +86,10 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     if arch is not None and arch not in IMAGE_ARCHS:
         log.warning("%s: unknown GGUF architecture '%s'; letting ComfyUI detect the model",
                     path, arch)
+    name = os.path.basename(str(path))
+    check_block_counts(double_blocks, single_blocks, *count_blocks(gf.keys()), what=name)
     sd = gguf_state_dict(gf, dequant_dtype=dq)
+    retire_pins(owner)
     model = comfy.sd.load_diffusion_model_state_dict(
         sd, model_options={"custom_operations": vbar_operations()})
     if model is None:
@@ -91,7 +100,9 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     diffusion = model.model.diffusion_model
     _plain_embeddings(diffusion)
     attach_sources(diffusion)
-    wrap_model(model, os.path.basename(str(path)), source_check=gf.check_unchanged)
+    pin_blocks(diffusion, double_blocks, single_blocks, what=name)
+    wrap_model(model, name, source_check=gf.check_unchanged)
+    follow_pins(model, name, double_blocks, single_blocks, owner)
     dequantize_unmanaged(diffusion)   # anything vbarize did not take (none in known models)
     set_patch_dtype(diffusion, pd)
     return model

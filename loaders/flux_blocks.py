@@ -27,10 +27,12 @@ def flux_block_linears(hidden=FLUX_HIDDEN, mlp_ratio=FLUX_MLP_RATIO):
 
 
 def flux_block_bytes(hidden=FLUX_HIDDEN, mlp_ratio=FLUX_MLP_RATIO, head_dim=FLUX_HEAD_DIM):
-    """Bytes one block occupies: {"double"|"single": {"bf16": n, "nf4": n}}.
+    """Bytes one block occupies: {"double"|"single": {"bf16" | "nf4" | "q8_0" | "q4_k": n}}.
 
     NF4 is the bitsandbytes layout quantize-on-load writes (v2: fp32 absmax per 64 values);
-    biases and QK-norm scales stay bf16 in both.
+    biases and QK-norm scales stay bf16 there. The GGUF types are as city96's converter writes
+    them: weights in 34-byte blocks of 32 (Q8_0) or 144-byte blocks of 256 (Q4_K), 1-D tensors
+    float32.
     """
     out = {}
     for kind, linears in flux_block_linears(hidden, mlp_ratio).items():
@@ -38,14 +40,19 @@ def flux_block_bytes(hidden=FLUX_HIDDEN, mlp_ratio=FLUX_MLP_RATIO, head_dim=FLUX
         others = sum(o for o, _ in linears) + (4 if kind == "double" else 2) * head_dim
         out[kind] = {"bf16": 2 * (weights + others),
                      "nf4": weights // 2 + 4 * sum(-(-o * i // NF4_BLOCKSIZE) for o, i in linears)
-                     + 2 * others}
+                     + 2 * others,
+                     "q8_0": weights // 32 * 34 + 4 * others,
+                     "q4_k": weights // 256 * 144 + 4 * others}
     return out
 
 
-def block_size_text():
+_LABELS = {"bf16": "bf16", "nf4": "NF4", "q8_0": "Q8_0", "q4_k": "Q4_K"}
+
+
+def block_size_text(formats=("bf16", "nf4")):
     """'double block: 648 MiB bf16 / 182 MiB NF4; single block: ...' for node tooltips."""
     b = flux_block_bytes()
-    return "; ".join(f"{k} block: {b[k]['bf16'] / 2**20:.0f} MiB bf16 / {b[k]['nf4'] / 2**20:.0f} MiB NF4"
+    return "; ".join(f"{k} block: " + " / ".join(f"{b[k][f] / 2**20:.0f} MiB {_LABELS[f]}" for f in formats)
                      for k in ("double", "single"))
 
 

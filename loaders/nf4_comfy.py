@@ -5,36 +5,16 @@ meta tensors of their real shape: see nf4_model), with our adopting operations; 
 layers are then pointed at their packed bytes, the first N double / M single blocks marked
 to be held resident, and ``wrap_model`` puts everything behind the VBAR.
 
-Pins follow the model's life in ComfyUI: released when ComfyUI unloads the model (ON_DETACH),
-held again when it loads it (ON_LOAD), and released for good when the same node loads again,
-since ComfyUI keeps the node's previous MODEL in its output cache meanwhile.
+Pins then follow the model's life in ComfyUI: see comfy_pins.
 """
 import logging
 import os
 
+from .comfy_pins import follow_pins
 from .errors import ModelFileError, NF4Error
-from .flux_blocks import check_block_counts, count_blocks, pin_blocks, release_pins, restore_pins
-from .flux_blocks import retire_pins, track_pins
+from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
 
 log = logging.getLogger("vbar")
-_CALLBACK_KEY = "vbar_flux_block_pins"
-
-
-def file_block_counts(path):
-    """(double, single) Flux blocks in a .safetensors file, from its header only."""
-    from .safetensors_file import SafetensorsFile
-
-    with SafetensorsFile(path, verify=False) as f:
-        return count_blocks(f.keys())
-
-
-def validate_block_counts(path, double, single):
-    """For a node's VALIDATE_INPUTS: True, or the message explaining the allowed counts."""
-    try:
-        check_block_counts(double, single, *file_block_counts(path), what=os.path.basename(path))
-    except (ValueError, ModelFileError) as e:
-        return str(e)
-    return True
 
 
 def _unet_prefix(sd):
@@ -77,7 +57,6 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
     import comfy.model_management as mm
 
     from .comfy_loaders import _is_adopting, wrap_model
-    from .comfy_patcher import stores_of
     from .nf4_model import attach_nf4, quantize_linears
 
     diffusion = patcher.model.diffusion_model
@@ -93,27 +72,8 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
             mm.soft_empty_cache()
     pin_blocks(diffusion, double, single, what=name)
     wrap_model(patcher, name, source_check=check)
-    store = stores_of(patcher)[-1]
-    if any(h.held for h in store.handles):
-        _follow_comfy(patcher, store)
-        track_pins(store, owner)
-        log.info("%s: %d double / %d single blocks pinned, %.0f MiB held", name, double, single,
-                 store.held_bytes() / 2**20)
+    follow_pins(patcher, name, double, single, owner)
     return patcher
-
-
-def _follow_comfy(patcher, store):
-    from comfy.patcher_extension import CallbacksMP
-
-    def on_detach(p, unpatch_all):
-        if unpatch_all:          # unloaded (not a clone taking over): let the pages go
-            release_pins(store)
-
-    def on_load(p, *args):
-        restore_pins(store)
-
-    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, _CALLBACK_KEY, on_detach)
-    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, _CALLBACK_KEY, on_load)
 
 
 def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on_load=False,

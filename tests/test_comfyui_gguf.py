@@ -16,6 +16,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
+from vbar_loaders.loaders.flux_blocks import flux_block_bytes
+
 from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
 from gguf_helpers import convert_safetensors, write_reference_safetensors
 from test_comfyui_checkpoint import digest, load_wf, stats
@@ -75,12 +77,14 @@ def server(models):
     srv.stop()
 
 
-def flux(srv, unet, vbar, budget=None, lora=False):
+def flux(srv, unet, vbar, budget=None, lora=False, pins=None):
     wf = load_wf(srv, "flux_tiny_api.json")
     wf["5"]["inputs"]["steps"] = 2          # the comparison needs no more; halves the run time
     if vbar:
         wf["1"] = {"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
             "unet_name": unet, "dequant_dtype": "default", "patch_dtype": "default"}}
+        if pins is not None:
+            wf["1"]["inputs"].update(double_blocks_cuda_size=pins[0], single_blocks_cuda_size=pins[1])
     else:
         wf["1"]["inputs"]["unet_name"] = unet
     model = ["1", 0]
@@ -135,6 +139,28 @@ def test_flux_lora_on_gguf_matches_stock(server):
     assert stock != plain, "the LoRA has no visible effect: the test would prove nothing"
     got = run(server, flux(server, "tiny_flux_Q8_0.gguf", True, budget=64.0, lora=True))
     assert got == stock
+
+
+def test_flux_gguf_pinned_blocks_stay_resident_while_the_rest_streams(server):
+    """1 double + 1 single block pinned (their Q8_0 bytes, ~489 MiB) under a budget that leaves
+    ~25 MiB for everything else: the pins are held, the rest streams, the image is unchanged."""
+    stock = run(server, flux(server, "tiny_flux_Q8_0_ref.safetensors", False))
+    name = "tiny_flux_Q8_0.gguf"
+    b = flux_block_bytes()
+    offloaded = server.get("/vbar/stats")["pools"].get("cpu", {}).get("offloaded", 0)
+    for double, single in ((1, 1), (0, 1)):
+        got = run(server, flux(server, name, True, budget=0.54, pins=(double, single)))
+        assert got == stock, f"pinned {double}+{single}: image differs from the stock model"
+        vbars = [v for v in stats(server)["vbars"] if v["name"] == name]
+        want = double * b["double"]["q8_0"] + single * b["single"]["q8_0"]
+        assert 0.99 * want <= vbars[0]["held_bytes"] <= 1.01 * want, vbars[0]
+        assert not any(v["held_bytes"] for v in vbars[1:]), "the previous load's pins were kept"
+    assert stats(server)["offloaded"] > offloaded, "nothing streamed: the budget did not squeeze"
+    r = server.run(flux(server, name, True, pins=(2, 0)), fresh_cache=True)
+    assert r.status == "rejected", r.errors
+    text = " ".join(r.errors)
+    assert "has 1 double and 1 single blocks" in text and "got 2 and 0" in text, text
+    run(server, flux(server, name, True, budget=64.0))       # leave the budget open
 
 
 def sd15_with_clip(srv, loader, clip_name):

@@ -189,9 +189,6 @@ def shrink_for_test(prompt, models):
             inp["ckpt_name"] = "tiny_sd15.safetensors"
         elif ct in ("VBARDiffusionModelLoader", "VBARNF4DiffusionModelLoader"):
             inp["unet_name"] = "tiny_flux.safetensors"   # NF4: quantized on load
-            for k in ("double_blocks_cuda_size", "single_blocks_cuda_size"):
-                if k in inp:
-                    inp[k] = min(inp[k], 1)   # the tiny Flux has 1 double and 1 single block
         elif ct == "VBARGGUFDiffusionModelLoader":
             inp["unet_name"] = tiny_file(models, "diffusion_models", TINY_GGUF) or missing.append(
                 f"{TINY_GGUF} (needs the gguf package and tests/gguf_helpers.py)")
@@ -204,6 +201,9 @@ def shrink_for_test(prompt, models):
         elif ct == "CLIPTextEncode" and prompt[inp["clip"][0]]["class_type"] in TEXT_ENCODER_LOADERS:
             prompt[nid] = {"class_type": "ComfyHarnessRandomConditioning", "inputs": {
                 "tokens": 16, "dim": 4096, "pooled_dim": 768, "seed": 1, "scale": 1.0}}
+        for k in ("double_blocks_cuda_size", "single_blocks_cuda_size"):
+            if k in inp:
+                inp[k] = min(inp[k], 1)   # the tiny Flux has 1 double and 1 single block
     for nid in [n for n, v in prompt.items() if v["class_type"] in TEXT_ENCODER_LOADERS]:
         del prompt[nid]
     return missing

@@ -18,7 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA = {
     "VBARCheckpointLoader": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
     "VBARDiffusionModelLoader": ([], ["unet_name", "weight_dtype"], [("MODEL", "MODEL")]),
-    "VBARGGUFDiffusionModelLoader": ([], ["unet_name", "dequant_dtype", "patch_dtype"],
+    "VBARGGUFDiffusionModelLoader": ([], ["unet_name", "dequant_dtype", "patch_dtype",
+                                          "double_blocks_cuda_size", "single_blocks_cuda_size"],
                                      [("MODEL", "MODEL")]),
     "VBARGGUFDualCLIPLoader": ([], ["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")]),
     "VBARNF4DiffusionModelLoader": ([], ["unet_name", "double_blocks_cuda_size",
@@ -104,7 +105,8 @@ def flux_diffusion_model():
 def flux_gguf():
     """GGUF Flux and a GGUF T5: both stay quantized in VRAM."""
     wf = flux({"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
-        "unet_name": "flux1-dev-Q4_K_S.gguf", "dequant_dtype": "default", "patch_dtype": "default"}},
+        "unet_name": "flux1-dev-Q4_K_S.gguf", "dequant_dtype": "default", "patch_dtype": "default",
+        "double_blocks_cuda_size": 4, "single_blocks_cuda_size": 0}},
         {"class_type": "VBARGGUFDualCLIPLoader", "inputs": {
             "clip_name1": "t5-v1_1-xxl-encoder-Q8_0.gguf", "clip_name2": "clip_l.safetensors",
             "type": "flux", "device": "default"}})

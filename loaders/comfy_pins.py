@@ -1,0 +1,63 @@
+"""Flux block pins over a model's life in ComfyUI, shared by the NF4 and GGUF loaders.
+
+Pins follow the model: released when ComfyUI unloads it (ON_DETACH), held again when it loads
+it (ON_LOAD), and released for good when the same node loads again, since ComfyUI keeps the
+node's previous MODEL in its output cache meanwhile. Imports ComfyUI only inside functions.
+"""
+import logging
+import os
+
+from .errors import ModelFileError
+from .flux_blocks import check_block_counts, count_blocks, release_pins, restore_pins, track_pins
+
+log = logging.getLogger("vbar")
+_CALLBACK_KEY = "vbar_flux_block_pins"
+
+
+def file_block_counts(path):
+    """(double, single) Flux blocks in a .safetensors or .gguf file, from its header only."""
+    if str(path).lower().endswith(".gguf"):
+        from .gguf_file import GGUFFile
+
+        return count_blocks(GGUFFile(path).keys())
+    from .safetensors_file import SafetensorsFile
+
+    with SafetensorsFile(path, verify=False) as f:
+        return count_blocks(f.keys())
+
+
+def validate_block_counts(path, double, single):
+    """For a node's VALIDATE_INPUTS: True, or the message explaining the allowed counts."""
+    try:
+        check_block_counts(double, single, *file_block_counts(path), what=os.path.basename(path))
+    except (ValueError, ModelFileError) as e:
+        return str(e)
+    return True
+
+
+def follow_pins(patcher, name, double, single, owner):
+    """After ``wrap_model``: if blocks were pinned, tie their pins to ComfyUI's loads and
+    unloads and to ``owner``'s next load."""
+    from .comfy_patcher import stores_of
+
+    store = stores_of(patcher)[-1]
+    if not any(h.held for h in store.handles):
+        return
+    _follow_comfy(patcher, store)
+    track_pins(store, owner)
+    log.info("%s: %d double / %d single blocks pinned, %.0f MiB held", name, double, single,
+             store.held_bytes() / 2**20)
+
+
+def _follow_comfy(patcher, store):
+    from comfy.patcher_extension import CallbacksMP
+
+    def on_detach(p, unpatch_all):
+        if unpatch_all:          # unloaded (not a clone taking over): let the pages go
+            release_pins(store)
+
+    def on_load(p, *args):
+        restore_pins(store)
+
+    patcher.add_callback_with_key(CallbacksMP.ON_DETACH, _CALLBACK_KEY, on_detach)
+    patcher.add_callback_with_key(CallbacksMP.ON_LOAD, _CALLBACK_KEY, on_load)
