@@ -7,20 +7,30 @@ Columns, all in GB/s of bf16 output and all measured in the same run:
            fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file.
            It has no kernel for F32/F16 (it just casts, as we do): shown as "-".
   memcpy   clone() of a bf16 tensor of the output's size (allocation included, as in ours)
-Each rep times every method once, in turn, so load from other processes hits all columns
-alike; the table shows medians.
+Each method runs in a process of its own, and each rep times every method once, in turn:
+load from other processes hits all columns alike, while one method's allocations and thread
+pools cannot speed up or slow down another's (measured: sharing a process moved city96's
+numbers by up to 3x, depending on what ran before it). The table shows medians.
+
+By default the worker processes run with glibc's malloc keeping freed memory (no mmap per
+large tensor), as CUDA's caching allocator does on a GPU: otherwise every column pays page
+faults for each fresh temporary, and the method with the most temporaries (city96) is slowed
+most by a cost that a GPU does not have. --page-faults measures with the default malloc.
 
     python benchmarks/bench_gguf_dequant.py [--quick] [--reps N] [--types Q8_0,Q4_K]
-                                            [--threads N] [--clock wall|cpu]
+                                            [--threads N] [--clock wall|cpu] [--page-faults]
 """
 import argparse
+import hashlib
 import importlib.util
+import multiprocessing as mp
 import os
 import pathlib
 import statistics
 import sys
 import time
 import types
+import zlib
 
 import gguf
 import numpy as np
@@ -85,15 +95,62 @@ def methods(qt, raw_np, shape, city):
     return out
 
 
-def measure(fns, reps, clock=time.perf_counter):
-    times = {k: [] for k in fns}
-    results = {k: f() for k, f in fns.items()}  # warm-up, and kept for a sanity check
-    for _ in range(reps):
-        for k, f in fns.items():
+def _worker(conn, threads, clock_name):
+    """One method's process: set up a case on request, then time single calls of it."""
+    torch.set_num_threads(threads)
+    clock = time.perf_counter if clock_name == "wall" else time.process_time
+    city = load_city96()
+    fn = None
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        if msg[0] == "case":
+            _, method, name, rows, cols = msg
+            raw = make_raw(QT[name], rows, cols, np.random.default_rng(zlib.crc32(f"{name} {rows}x{cols}".encode())))
+            fn = methods(QT[name], raw, (rows, cols), city).get(method)
+            # warm-up, and a digest of the result for the cross-check
+            conn.send(None if fn is None else hashlib.sha1(fn().contiguous().view(torch.uint8).numpy()).hexdigest())
+        else:
             t = clock()
-            f()
-            times[k].append(clock() - t)
-    return {k: statistics.median(v) for k, v in times.items()}, results
+            fn()
+            conn.send(clock() - t)
+
+
+class Workers:
+    """One process per method, timed in turn."""
+
+    def __init__(self, names, threads, clock, keep_freed=True):
+        ctx = mp.get_context("spawn")
+        saved = dict(os.environ)
+        if keep_freed:   # read by glibc when each worker starts
+            os.environ.update(MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        self.conns, self.procs = {}, []
+        for name in names:
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(b, threads, clock), daemon=True)
+            p.start()
+            self.conns[name], self.procs = a, self.procs + [p]
+        os.environ.clear()
+        os.environ.update(saved)
+
+    def measure(self, qt_name, rows, cols, reps):
+        for c_name, c in self.conns.items():
+            c.send(("case", c_name, qt_name, rows, cols))
+        digests = {k: c.recv() for k, c in self.conns.items()}
+        live = {k: c for k, c in self.conns.items() if digests[k] is not None}
+        times = {k: [] for k in live}
+        for _ in range(reps):
+            for k, c in live.items():
+                c.send("go")
+                times[k].append(c.recv())
+        return {k: statistics.median(v) for k, v in times.items()}, digests
+
+    def close(self):
+        for c in self.conns.values():
+            c.send(None)
+        for p in self.procs:
+            p.join(10)
 
 
 def main(argv=None):
@@ -105,32 +162,35 @@ def main(argv=None):
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: process CPU time instead of wall time; with --threads 1 it "
                          "shrugs off other processes competing for the cores")
+    ap.add_argument("--page-faults", action="store_true",
+                    help="default malloc: large temporaries are fresh mmaps, page-faulted per call")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [(64, 512), (64, 1024)] if args.quick else [(3072, 3072), (3072, 12288)]
     reps = 1 if args.quick else args.reps
     city = load_city96()
-    rng = np.random.default_rng(0)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {reps} reps; "
-          f"city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
+    names = ["ours", "ref"] + (["city96", "city96/fp16"] if city else []) + ["memcpy"]
+    workers = Workers(names, args.threads, args.clock, keep_freed=not args.page_faults)
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {reps} reps, "
+          f"one process per method, {'default malloc' if args.page_faults else 'freed memory kept'}; city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
     hdr = (f"{'type':7} {'shape':>11} {'ours':>7} {'ref':>7} {'city96':>7} {'memcpy':>7} "
            f"{'ours/ref':>9} {'ours/c96':>9} {'ours/memcpy':>12}")
     print(hdr)
     print("-" * len(hdr))
-    for name in args.types.split(","):
-        qt = QT[name]
-        for rows, cols in shapes:
-            raw = make_raw(qt, rows, cols, rng)
-            clock = time.perf_counter if args.clock == "wall" else time.process_time
-            t, res = measure(methods(qt, raw, (rows, cols), city), reps, clock)
-            if not torch.equal(res["ours"], res["ref"]):
-                raise SystemExit(f"{name}: result differs from the gguf reference")
-            gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}
-            c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0))
-            c96_cols = (f"{c96:7.2f}", f"{gbs['ours'] / c96:8.2f}x") if c96 else (f"{'-':>7}", f"{'-':>9}")
-            print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96_cols[0]} "
-                  f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {c96_cols[1]} "
-                  f"{gbs['ours'] / gbs['memcpy']:11.2f}x", flush=True)
+    try:
+        for name in args.types.split(","):
+            for rows, cols in shapes:
+                t, digests = workers.measure(name, rows, cols, reps)
+                if digests["ours"] != digests["ref"]:
+                    raise SystemExit(f"{name}: result differs from the gguf reference")
+                gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}
+                c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0))
+                c96_cols = (f"{c96:7.2f}", f"{gbs['ours'] / c96:8.2f}x") if c96 else (f"{'-':>7}", f"{'-':>9}")
+                print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96_cols[0]} "
+                      f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {c96_cols[1]} "
+                      f"{gbs['ours'] / gbs['memcpy']:11.2f}x", flush=True)
+    finally:
+        workers.close()
 
 
 if __name__ == "__main__":

@@ -13,15 +13,14 @@ Why the code is shaped this way (measured on CPU, where eager torch is weakest):
   as ``q - 8`` are applied to the packed bytes (uint8 wrap-around read back as int8).
 * float32 is exact and, on CPU, no slower than half arithmetic (torch widens bf16 to
   float32 internally); each chunk ends with one float32 -> output dtype copy.
-* On CPU the quants are processed in chunks that stay in L2, and a big tensor is split
-  between worker threads (see ``_pool``); elsewhere chunks are large and only bound the
-  scratch memory.
+* On CPU the quants are processed in chunks that stay in L2 (each of torch's intra-op
+  threads gets a cache-sized share of every op); elsewhere chunks are large and only bound the
+  scratch memory. Splitting a tensor between Python worker threads instead was measured
+  1.3-1.9x slower on an idle 2-core box: every op hands the GIL over, and each handover waits
+  for a thread wake-up.
 """
 import functools
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
@@ -32,7 +31,7 @@ U8, I8, I16, I32, F16, F32 = torch.uint8, torch.int8, torch.int16, torch.int32, 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # llama.cpp's non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_CPU_CHUNK = 1 << 19   # output values per chunk and thread: fewer Python round trips; measured best on an idle 2-core box
+_CPU_CHUNK = 1 << 18   # output values per chunk and thread: measured best on an idle 2-core box
 _DEV_CHUNK = 1 << 23   # elsewhere: few launches, scratch bounded to ~50 MiB
 # Headers are unpacked for this many chunks at once: few enough ops per value, and the
 # blocks are still in cache when the chunk bodies read their quants.
@@ -392,27 +391,9 @@ def dequantize_into(out, raw, qtype):
         return out
     if out.numel() == 0:
         return out
-    bs, ts = QTYPE_BLOCK[qt]
-    nb = raw.numel() // ts
     threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-    pool = _pool(threads) if threads > 1 and nb * bs >= threads * _CPU_CHUNK else None
-    if pool is None:
-        _run(qt, raw, out, 0, nb, threads)
-        return out
-    step = -(-nb // threads)
-    step += -step % 4  # every part starts int32-aligned
-    # Worker threads do not inherit inference mode; writing into an inference tensor outside it
-    # is an error, so they enter the caller's mode.
-    mode = torch.is_inference_mode_enabled()
-    for f in [pool.submit(_run_in_mode, mode, qt, raw, out, s, min(nb, s + step), 1)
-              for s in range(0, nb, step)]:
-        f.result()
+    _run(qt, raw, out, 0, raw.numel() // QTYPE_BLOCK[qt][1], threads)
     return out
-
-
-def _run_in_mode(inference, *args):
-    with torch.inference_mode(inference):
-        return _run(*args)
 
 
 def _run(qt, raw, out, start, stop, threads):
@@ -432,59 +413,6 @@ def _run(qt, raw, out, start, stop, threads):
             e = min(stop, s + ch)
             x = body(blocks[s:e], raw[s * ts: e * ts], tuple(p[s - s0: e - s0] for p in pre), buf)
             dst[s:e].view(x.shape).copy_(x)
-
-
-# ---- CPU parallelism: split the tensor between threads whose torch ops run single-threaded.
-# Measured: with intra-op OpenMP every one of the many mid-sized ops forks and joins a
-# team, and once other processes compete for the cores each join waits for a descheduled
-# thread (10-50x slower than one thread); independent parts degrade gracefully instead.
-
-_POOL = [0, None]  # [threads, executor or None]
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(threads):
-    with _POOL_LOCK:
-        if _POOL[0] != threads:
-            if _POOL[1] is not None:
-                _POOL[1].shutdown(wait=False)
-            _POOL[:] = [threads, _make_pool(threads)]
-        return _POOL[1]
-
-
-def _make_pool(threads):
-    saved = torch.get_num_threads()
-    started = threading.Barrier(threads + 1)
-
-    def init():
-        torch.get_num_threads()  # the lazy per-thread init would otherwise undo the next line
-        torch.set_num_threads(1)
-        started.wait()
-
-    ex = ThreadPoolExecutor(threads, initializer=init, thread_name_prefix="gguf-dequant")
-    for _ in range(threads):
-        ex.submit(int)
-    started.wait()
-    torch.set_num_threads(saved)  # set_num_threads also moved the process-wide default
-    # Whether a thread's setting stays its own is a torch/OpenMP detail: check, else don't use.
-    seen = threading.Barrier(threads)
-
-    def probe():
-        seen.wait()
-        return torch.get_num_threads()
-
-    if [f.result() for f in [ex.submit(probe) for _ in range(threads)]] == [1] * threads \
-            and torch.get_num_threads() == saved:
-        return ex
-    ex.shutdown(wait=False)
-    return None
-
-
-def _forget_pool():  # a forked child has the executor but not its threads
-    _POOL[:] = [0, None]
-
-
-os.register_at_fork(after_in_child=_forget_pool)
 
 
 def dequantize(raw, qtype, shape, dtype=torch.float16):

@@ -90,20 +90,19 @@ def test_many_chunks_with_a_partial_last_one(qt, monkeypatch):
 
 
 @pytest.mark.parametrize("qt", (QT.Q8_0, QT.Q4_K, QT.Q3_K, QT.Q5_0), ids=lambda q: q.name)
-def test_split_between_worker_threads(qt, monkeypatch):
+def test_two_threads_and_inference_mode(qt, monkeypatch):
     bs, _ = GGML_QUANT_SIZES[qt]
-    monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs)  # small enough that 21 blocks get split
+    monkeypatch.setattr(gd, "_CPU_CHUNK", 2 * bs)  # 4 blocks a chunk over two threads
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         shape = (7, 3 * bs)
         raw = random_blocks(qt, *shape, seed=7)
         assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
-        assert gd._POOL[0] == 2 and gd._POOL[1] is not None
-        assert torch.get_num_threads() == 2  # the pool's threads did not change ours
-        with torch.inference_mode():  # workers write into an inference tensor
+        with torch.inference_mode():  # as ComfyUI samples
             got = ours(raw, qt, shape, torch.bfloat16)
         assert got.is_inference() and torch.equal(got, reference(raw, qt).bfloat16())
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
