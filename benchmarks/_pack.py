@@ -27,3 +27,19 @@ def install(root=ROOT, name=NAME):
 
 
 install()
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory in the process (no mmap per large block, no trim),
+    as CUDA's caching allocator does on a GPU. Otherwise every fresh large temporary on the host
+    is page-faulted in, a cost the device being simulated does not have. Returns whether it
+    took effect (glibc only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))

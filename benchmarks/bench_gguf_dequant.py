@@ -117,6 +117,11 @@ def _worker(conn, threads, clock_name):
             conn.send(clock() - t)
 
 
+# After a parallel region, OpenMP's threads spin-wait for more work (libgomp: up to tens of ms);
+# the previous method's spinning threads would otherwise share the cores with the next one.
+SETTLE_S = 0.05
+
+
 class Workers:
     """One process per method, timed in turn."""
 
@@ -142,6 +147,7 @@ class Workers:
         times = {k: [] for k in live}
         for _ in range(reps):
             for k, c in live.items():
+                time.sleep(SETTLE_S)
                 c.send("go")
                 times[k].append(c.recv())
         return {k: statistics.median(v) for k, v in times.items()}, digests
