@@ -3,8 +3,8 @@ moves the weights itself, and frees memory by evicting pages.
 
 Weight patches (LoRA and friends) reach our layers the way ComfyUI's own low-VRAM mode applies
 them: a ``LowVramPatch`` per patched weight in the layer's ``weight_function`` list. Our layers
-apply them to a private copy after the fault and keep the result in the resident slot until the
-patch set (``patches_uuid``) changes.
+apply them to a private copy after the fault and keep the result in the resident slot (for a
+quantized weight: in the store's patch VBAR) until the patch set (``patches_uuid``) changes.
 """
 import logging
 import weakref
@@ -78,8 +78,7 @@ def patcher_class():
                 if device_to is not None:
                     self.model.to(device_to)   # small tensors only: VBAR weights refuse to move
                 for s in stores_of(self):
-                    if s.vbar is not None and not s.vbar.closed:
-                        s.vbar.prioritize()
+                    s.prioritize()
                 self.model.device = device_to
                 self.model.model_lowvram = True
                 self.model.lowvram_patch_counter = count
@@ -103,8 +102,7 @@ def patcher_class():
             for s in reversed(stores_of(self)):
                 if freed >= memory_to_free:
                     break
-                if s.vbar is not None and not s.vbar.closed:
-                    freed += s.vbar.free_memory(memory_to_free - freed)
+                freed += s.free_memory(memory_to_free - freed)
             self.model.model_loaded_weight_memory = self.loaded_size()
             return freed
 
@@ -114,8 +112,7 @@ def patcher_class():
                 # another clone of the same weights taking over: the pages stay valid.)
                 for s in stores_of(self):
                     s.drop_prefetched()
-                    if s.vbar is not None and not s.vbar.closed:
-                        s.vbar.free_memory(s.vbar.size)
+                    s.free_memory()
             return super().detach(unpatch_all)
 
         def patch_weight_to_device(self, key, device_to=None, inplace_update=False):

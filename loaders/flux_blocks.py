@@ -107,7 +107,7 @@ def release_pins(store, free=True):
         if h.held and h.slot is not None:
             v.release(h.slot)
     if free:
-        v.free_memory(v.size)
+        store.free_memory()
 
 
 def restore_pins(store):

@@ -4,9 +4,11 @@ A weight's *source* stays where the loader put it (a zero-copy view into the mod
 host). ``use()`` faults the slot: an unchanged signature means the device copy is still valid and
 nothing is copied; a changed one means copy the source in first; an offloaded fault streams the
 source through a temporary. Quantized weights keep their packed bytes in the slot and ``decode``
-them on the device at every use.
+them on the device at every use; with patches (LoRA), their patched result is kept in a
+companion "patched" VBAR while the budget has room for it (see ``_use_patched``).
 """
 import contextlib
+import math
 import threading
 
 import torch
@@ -16,7 +18,7 @@ SMALL_BYTES = 64 << 10   # below this a weight simply lives on the device: pagin
 
 class WeightHandle:
     __slots__ = ("key", "source", "decode", "shape", "slot", "sig", "content", "view", "small",
-                 "nbytes", "uses", "streams", "store_dtype", "held")
+                 "nbytes", "uses", "streams", "store_dtype", "held", "patched")
 
     def __init__(self, key, source, decode, shape, store_dtype):
         self.key = key
@@ -34,6 +36,7 @@ class WeightHandle:
         self.uses = 0
         self.streams = 0
         self.held = False             # pinned resident for the model's lifetime (block pinning)
+        self.patched = {}             # dtype -> _Patched, or None where it cannot be had
 
 
 class WeightStore:
@@ -55,6 +58,7 @@ class WeightStore:
         self.handles = []
         self.by_key = {}
         self.vbar = None
+        self.patch_vbar = None        # patched results of quantized weights, made on first need
         self.lock = threading.Lock()
         self.device = pool.backend.device() if pool is not None else None
 
@@ -108,17 +112,24 @@ class WeightStore:
         return sum(h.nbytes for h in self.handles if h.held)
 
     # --- the hot path ---------------------------------------------------------------------
-    @contextlib.contextmanager
     def use(self, h, device, dtype, patches=None, patch_key=None):
-        """Yield the weight on ``device`` in ``dtype``, valid until the block exits.
+        """A context manager giving the weight on ``device`` in ``dtype``, valid until it exits.
 
         ``patches``: functions applied to a private copy (LoRA and other ComfyUI patches). For a
         resident, unquantized weight whose dtype matches, the patched result is kept in the slot
-        under ``patch_key`` and reused until the key or the signature changes.
+        under ``patch_key`` and reused until the key or the signature changes; a quantized
+        weight's patched result is kept in the patch VBAR the same way (``_use_patched``).
         """
         h.uses += 1
         device = torch.device(device)
         ready = self.prefetcher.arrive(h) if self.prefetcher is not None else None
+        if (patches and h.decode is not None and patch_key is not None and h.slot is not None
+                and device == self.device):
+            return self._use_patched(h, device, dtype, patches, patch_key, ready)
+        return self._use(h, device, dtype, patches, patch_key, ready)
+
+    @contextlib.contextmanager
+    def _use(self, h, device, dtype, patches, patch_key, ready):
         slot = h.slot
         vbar = self.vbar
         if ready is not None and ready.fault is not None:
@@ -153,6 +164,59 @@ class WeightStore:
             yield w
         finally:
             vbar.unpin(slot)
+
+    @contextlib.contextmanager
+    def _use_patched(self, h, device, dtype, patches, patch_key, ready):
+        """A quantized weight with patches: dequantizing and re-applying a LoRA at every use is
+        the cost that caching saves, but the patched result is full precision (2-8x the
+        quantized bytes), so it lives in a companion VBAR *below* the model's own: it uses
+        budget the quantized bytes leave free, is evicted first when they need room, and never
+        evicts them. Where it cannot be had, the patches are applied per use as before."""
+        c = self._patched_slot(h, dtype)
+        r = c.vbar.fault(c.slot) if c is not None else None
+        if r is None or not r.ok:
+            with self._use(h, device, dtype, patches, patch_key, ready) as w:
+                yield w
+            return
+        try:
+            if c.view is None:
+                with torch.inference_mode(False):   # see view_of
+                    c.view = c.vbar.tensor(c.slot, dtype, h.shape)
+            if c.valid != (r.signature, patch_key):
+                c.valid = None
+                with self._use(h, device, dtype, patches, patch_key, ready) as w:
+                    c.view.copy_(w)
+                c.valid = (r.signature, patch_key)
+            elif ready is not None and ready.fault is not None:
+                self.vbar.unpin(h.slot)   # prefetched, and not needed after all
+            yield c.view
+        finally:
+            c.vbar.unpin(c.slot)
+
+    def _patched_slot(self, h, dtype):
+        c = h.patched.get(dtype, False)
+        if c is False:
+            c = h.patched[dtype] = self._new_patched(h, dtype)
+        return c
+
+    def _new_patched(self, h, dtype):
+        from ..vram import BadCall
+
+        v = self.patch_vbar
+        if v is None:
+            if self.vbar is None or self.vbar.closed:
+                return None
+            # Room for every quantized weight in two dtypes; reserving costs address space only.
+            size = sum(2 * 4 * math.prod(x.shape) for x in self.handles if x.decode is not None)
+            v = self.patch_vbar = self.pool.create_vbar(f"{self.name} (patched)", size + (1 << 20),
+                                                        page_size=self.page_size)
+            v.place_below(self.vbar)
+        try:
+            slot = v.alloc(math.prod(h.shape) * torch.empty((), dtype=dtype).element_size(),
+                           name=f"{h.key} ({str(dtype).replace('torch.', '')}, patched)")
+        except BadCall:
+            return None
+        return _Patched(v, slot)
 
     def view_of(self, h):
         """The slot as a tensor, made once. Never an inference tensor: ComfyUI samples under
@@ -217,19 +281,49 @@ class WeightStore:
         p = self.prefetcher
         return {"prefetch_hits": p.hits if p else 0, "prefetch_wasted": p.wasted if p else 0}
 
+    def vbars(self):
+        """The open VBARs of this store: the model's own, then its patch VBAR if it has one."""
+        return [v for v in (self.vbar, self.patch_vbar) if v is not None and not v.closed]
+
+    def prioritize(self):
+        """This model runs next: its VBAR to the top, its patched results right below."""
+        if self.vbar is None or self.vbar.closed:
+            return
+        self.vbar.prioritize()
+        if self.patch_vbar is not None and not self.patch_vbar.closed:
+            self.patch_vbar.place_below(self.vbar)
+
+    def free_memory(self, nbytes=None):
+        """Evict up to ``nbytes`` (None: everything unpinned), patched results first."""
+        freed = 0
+        for v in reversed(self.vbars()):
+            if nbytes is not None and freed >= nbytes:
+                break
+            freed += v.free_memory(v.size if nbytes is None else nbytes - freed)
+        return freed
+
     def resident_bytes(self):
-        return 0 if self.vbar is None or self.vbar.closed else self.vbar.stats()["resident_bytes"]
+        return sum(v.stats()["resident_bytes"] for v in self.vbars())
 
     def close(self):
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
-        if self.vbar is not None:
-            self.vbar.close()
+        for v in self.vbars():
+            v.close()
         for h in self.handles:
             h.view = None
             h.sig = None
             h.small.clear()
+            h.patched.clear()
+
+
+class _Patched:
+    __slots__ = ("vbar", "slot", "view", "valid")
+
+    def __init__(self, vbar, slot):
+        self.vbar, self.slot, self.view = vbar, slot, None
+        self.valid = None             # (slot signature, patch key) the view holds, or None
 
 
 def _apply(patches, w):

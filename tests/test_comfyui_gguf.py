@@ -139,6 +139,10 @@ def test_flux_lora_on_gguf_matches_stock(server):
     assert stock != plain, "the LoRA has no visible effect: the test would prove nothing"
     got = run(server, flux(server, "tiny_flux_Q8_0.gguf", True, budget=64.0, lora=True))
     assert got == stock
+    # the two patched weights were kept, dequantized and patched, in the model's patch VBAR
+    patched = [v for v in stats(server)["vbars"] if v["name"] == "tiny_flux_Q8_0.gguf (patched)"]
+    want = sum(o * i for o, i in LORA_TARGETS.values()) * 4      # float32 on CPU
+    assert patched and 0.99 * want <= patched[0]["resident_bytes"] <= want + (8 << 20), patched
 
 
 def test_flux_gguf_pinned_blocks_stay_resident_while_the_rest_streams(server):

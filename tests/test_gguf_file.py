@@ -547,3 +547,83 @@ def test_random_corruption_raises_only_gguf_errors(good):
 
 def test_limits_are_sane():
     assert gguf_file.MAX_DIMS == 4 and gguf_file.DEFAULT_ALIGNMENT == 32
+
+
+# --- LoRA on quantized weights: the patched result is cached below the quantized bytes ---------
+
+def _lora_model(path, budget):
+    model = adopt(meta_model(), gguf_state_dict(GGUFFile(path)))
+    attach_sources(model)
+    pool = Pool(HostBackend(), budget=budget)
+    store = WeightStore("m", pool, page_size=PAGE)
+    vbarize(model, store)
+    lin = model.double_blocks[0].img_attn["qkv"]
+    calls = []
+    delta = torch.randn(3 * D, D, generator=torch.Generator().manual_seed(5)) * 0.01
+
+    def lora(w):
+        calls.append(1)
+        return w.add_(delta.to(w.dtype))
+
+    lin.weight_function = [lora]
+    lin.vbar_patch_key = "lora-1"
+    ref_w = reference_state_dict(path)["double_blocks.0.img_attn.qkv.weight"]
+    want = lambda h: F.linear(h, ref_w + delta, lin.bias)  # noqa: E731
+    return model, store, pool, lin, calls, want
+
+
+def test_lora_on_a_quantized_weight_is_applied_once_per_patch_set(files):
+    model, store, pool, lin, calls, want = _lora_model(files[QT.Q4_K], 64 << 20)
+    h = torch.randn(3, D)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(lin(h), want(h))
+        assert len(calls) == 1                      # dequantized and patched once, then reused
+        assert pool.vbars[:2] == store.vbars()      # the patched results sit right below
+        lin.vbar_patch_key = "lora-2"               # a new patch set: computed again
+        assert torch.equal(lin(h), want(h))
+        assert len(calls) == 2
+        store.prioritize()                          # as ComfyUI loading the model does
+        assert pool.vbars[:2] == store.vbars()
+        # evicting the patched copy (as a squeezed budget would) recomputes, correctly
+        store.patch_vbar.free_memory(store.patch_vbar.size)
+        assert torch.equal(lin(h), want(h))
+        assert len(calls) == 3
+    store.close()
+    pool.close()
+
+
+def test_patched_results_only_use_budget_the_quantized_bytes_leave(files):
+    """Budget = the quantized bytes plus less than one patched weight: the patched result never
+    evicts a quantized page (the patches are re-applied per use instead), and the quantized
+    faults evict patched pages first when they need room."""
+    path = files[QT.Q4_K]
+    probe, store, pool, *_ = _lora_model(path, 64 << 20)
+    with torch.no_grad():
+        probe(*inputs())
+    packed = store.vbar.stats()["resident_bytes"]
+    store.close()
+    pool.close()
+    model, store, pool, lin, calls, want = _lora_model(path, packed + PAGE)
+    x, h = inputs(), torch.randn(3, D)
+    with torch.no_grad():
+        model(*x)
+        evictions = store.vbar.counters.evictions
+        for _ in range(3):
+            assert torch.equal(lin(h), want(h))
+        assert len(calls) == 4                       # one in model(), then one per use
+        assert store.vbar.counters.evictions == evictions
+        assert store.vbar.stats()["resident_bytes"] == packed
+    store.close()
+    pool.close()
+    # Room for both, then the model's own pages need it back: the patched copy goes first.
+    model, store, pool, lin, calls, want = _lora_model(path, packed + (8 << 20))
+    with torch.no_grad():
+        model(*x)
+        assert store.patch_vbar.stats()["resident_bytes"] > 0
+        pool.set_budget(packed)
+        assert store.patch_vbar.stats()["resident_bytes"] == 0
+        assert store.vbar.stats()["resident_bytes"] == packed
+        assert torch.equal(lin(h), want(h))
+    store.close()
+    pool.close()

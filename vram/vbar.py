@@ -208,6 +208,19 @@ class VBAR:
             self.pool._move(self, top=True)
             self.watermark = self.npages
 
+    def place_below(self, other):
+        """Sit right below ``other`` in the pool (same pool), watermark lifted: for a companion
+        VBAR whose pages ``other`` may evict but which may never evict ``other``'s."""
+        with self.lock:
+            self._check_open()
+            other._check_open()
+            if other.pool is not self.pool:
+                raise BadCall(f"VBAR '{self.name}': '{other.name}' belongs to another pool")
+            vbars = self.pool.vbars
+            vbars.remove(self)
+            vbars.insert(vbars.index(other) + 1, self)
+            self.watermark = self.npages
+
     def deprioritize(self):
         with self.lock:
             self._check_open()
