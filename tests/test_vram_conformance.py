@@ -170,6 +170,33 @@ def test_never_evict_for_lower_priority_fault(env):
     assert high.stats()["evictions"] == 0 and high.stats()["resident_bytes"] == 2 * ps
 
 
+def test_place_below_a_companion(env):
+    """A companion VBAR right below its model: the model may evict it, never the reverse, and
+    an older model below both is evicted by either."""
+    pool, ps = env
+    p = pool(2)
+    old = p.create_vbar("old", 4 * ps, page_size=ps)
+    model = p.create_vbar("model", 4 * ps, page_size=ps)
+    extra = p.create_vbar("model (patched)", 4 * ps, page_size=ps)   # made last: on top
+    extra.place_below(model)
+    assert p.vbars == [model, extra, old]
+    so = old.alloc(ps)
+    assert old.fault(so).ok
+    old.unpin(so)
+    se = extra.alloc(2 * ps)
+    assert extra.fault(se).ok                  # the old model's page goes for it
+    extra.unpin(se)
+    assert old.stats()["resident_bytes"] == 0
+    sm = model.alloc(2 * ps)
+    assert model.fault(sm).ok                  # the companion's pages go for the model
+    model.unpin(sm)
+    assert extra.stats()["resident_bytes"] == 0
+    assert not extra.fault(se).ok              # and never the other way round
+    assert model.stats()["evictions"] == 0
+    with pytest.raises(BadCall):
+        extra.place_below(pool(1).create_vbar("elsewhere", ps, page_size=ps))
+
+
 def test_own_lower_pages_are_not_evicted_for_higher_addresses(env):
     pool, ps = env
     p = pool(2)
