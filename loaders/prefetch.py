@@ -39,6 +39,7 @@ class Prefetcher:
         self.cuda = store.device is not None and store.device.type == "cuda"
         self.side = torch.cuda.Stream(store.device) if self.cuda else None
         self._staging = {}
+        self._spare = {}        # host only: (shape, dtype) -> temporaries free for reuse
         self.q = queue.SimpleQueue()
         self.closed = False
         self.worker = threading.Thread(target=self._run, name=f"vbar-prefetch-{store.name}",
@@ -75,7 +76,12 @@ class Prefetcher:
             self._release(item)
             raise item.error
         if item.event is not None:
-            torch.cuda.current_stream(self.store.device).wait_event(item.event)
+            stream = torch.cuda.current_stream(self.store.device)
+            stream.wait_event(item.event)
+            if item.temp is not None:
+                # Allocated on the side stream, read on this one: the caching allocator must not
+                # hand the block to the side stream again before this stream is done with it.
+                item.temp.record_stream(stream)
         self.hits += 1
         self._count("prefetch_hits")
         return item
@@ -90,6 +96,17 @@ class Prefetcher:
             return True
         return (self.cuda or self.store.copy_streams) and h.nbytes > self.store.small_bytes
 
+    def recycle(self, item):
+        """The consumer is done with ``item.temp`` (host only: on CUDA the caching allocator
+        reuses it, ordered by ``record_stream``). Keeping a few spares spares the worker a fresh
+        allocation per stream, whose page faults compete with the compute."""
+        temp, item.temp = item.temp, None
+        if temp is None or self.cuda:
+            return
+        spares = self._spare.setdefault((temp.shape, temp.dtype), [])
+        if len(spares) <= self.depth:
+            spares.append(temp)
+
     def drop(self):
         """Release everything prepared and not yet used (its pages become evictable again)."""
         for p in list(self.pending.values()):
@@ -97,6 +114,7 @@ class Prefetcher:
             self._release(p)
         self.pending.clear()
         self.last = None
+        self._spare.clear()
 
     def close(self):
         if self.closed:
@@ -149,9 +167,19 @@ class Prefetcher:
         if store.source_check is not None:
             store.source_check(h.key)
         if self.cuda or store.copy_streams:
-            temp = torch.empty(h.source.shape, dtype=h.source.dtype, device=store.device)
+            temp = self._temp(h.source)
             self._copy(p, temp, h.source)
             p.temp = temp
+
+    def _temp(self, src):
+        if self.cuda:
+            with torch.cuda.stream(self.side):   # the stream that writes it (see arrive)
+                return torch.empty(src.shape, dtype=src.dtype, device=self.store.device)
+        spares = self._spare.get((src.shape, src.dtype))
+        try:
+            return spares.pop()
+        except (AttributeError, IndexError):
+            return torch.empty(src.shape, dtype=src.dtype, device=self.store.device)
 
     def _copy(self, p, dst, src):
         if not self.cuda:

@@ -136,12 +136,14 @@ class WeightStore:
             r = ready.fault          # pinned by the prefetch: this use owns that pin now
         elif slot is None or device != self.device or vbar.closed:
             yield self._stream(h, device, dtype, patches, temp=ready and ready.temp)
+            self._recycle(ready)
             return
         else:
             r = vbar.fault(slot)
             if not r.ok:
                 h.streams += 1
                 yield self._stream(h, device, dtype, patches, count=False, temp=ready and ready.temp)
+                self._recycle(ready)
                 return
         try:
             view = self.view_of(h)
@@ -217,6 +219,11 @@ class WeightStore:
         except BadCall:
             return None
         return _Patched(v, slot)
+
+    def _recycle(self, ready):
+        # Our layers use a weight only inside ``use``: once it exits, a streamed temporary is free.
+        if ready is not None and ready.temp is not None and self.prefetcher is not None:
+            self.prefetcher.recycle(ready)
 
     def view_of(self, h):
         """The slot as a tensor, made once. Never an inference tensor: ComfyUI samples under

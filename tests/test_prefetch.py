@@ -45,6 +45,36 @@ def test_outputs_equal_with_prefetch(fraction, copy_streams):
     assert pool.stats()["resident_bytes"] == 0 and pool.stats()["pinned_bytes"] == 0
 
 
+def test_streamed_temporaries_are_reused_on_the_host():
+    """Once warm, streamed weights are copied into a few recycled buffers, not fresh ones."""
+    model = mlp(8)
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        ref = model(x)
+    pool = Pool(HostBackend(), budget=PAGE)          # everything streams
+    store = WeightStore("m", pool, page_size=PAGE, copy_streams=True)
+    vbarize(model, store)
+    store.enable_prefetch(depth=2)
+    seen = set()
+    real = store._stream
+
+    def spy(h, device, dtype, patches, count=True, temp=None):
+        if temp is not None:
+            seen.add(temp.data_ptr())
+        return real(h, device, dtype, patches, count, temp)
+
+    store._stream = spy
+    with torch.no_grad():
+        for _ in range(5):
+            assert torch.equal(model(x), ref)
+    assert store.prefetch_stats()["prefetch_hits"] >= 30
+    assert len(seen) <= 2 + 3, len(seen)           # depth + 1 spares, plus two in flight
+    store.drop_prefetched()
+    assert not store.prefetcher._spare
+    store.close()
+    pool.close()
+
+
 def test_out_of_order_calls_stay_correct_and_count_waste():
     model = mlp(6)
     pool = Pool(HostBackend(), budget=weights(model) // 2)
