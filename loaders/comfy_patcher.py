@@ -69,8 +69,7 @@ def patcher_class():
                     for pname, lst in lists.items():
                         key = f"{name}.{pname}"
                         if key in self.patches:
-                            _, set_func, convert_func = mp.get_key_weight(self.model, key)
-                            lst.append(mp.LowVramPatch(key, self.patches, convert_func, set_func))
+                            lst.append(_low_vram_patch(mp, self.model, key, self.patches))
                             count += 1
                         lst.extend(self.weight_wrapper_patches.get(key, []))
                     m.weight_function, m.bias_function = lists["weight"], lists["bias"]
@@ -122,6 +121,17 @@ def patcher_class():
 
     _cls = VbarModelPatcher
     return _cls
+
+
+def _low_vram_patch(mp, model, key, patches):
+    """ComfyUI's LowVramPatch for ``key``. Until October 2025 (v0.3.64) it took (key, patches); the
+    convert/set functions it takes since are for scaled-fp8 weights, which we do not load."""
+    import inspect
+
+    if len(inspect.signature(mp.LowVramPatch).parameters) < 4:
+        return mp.LowVramPatch(key, patches)
+    _, set_func, convert_func = mp.get_key_weight(model, key)
+    return mp.LowVramPatch(key, patches, convert_func, set_func)
 
 
 def adopt(patcher, store):
