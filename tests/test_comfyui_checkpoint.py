@@ -3,6 +3,8 @@ import copy
 import hashlib
 import json
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -133,3 +135,30 @@ def test_flux_matches_stock_at_every_budget(server):
         assert got == stock, f"budget {name}: image differs from ComfyUI's stock loader"
         if name == "tiny":
             assert stats(server)["offloaded"] > 0
+
+
+def test_interrupt_mid_sampling_leaves_nothing_pinned(server):
+    """Interrupting a prompt while layers stream and the prefetcher works ahead: no page stays
+    pinned afterwards, and the next run gives the image an uninterrupted run gives."""
+    want = digest(server.run(flux(server, True, 0.5), fresh_cache=True))
+    server.free()
+    wf = flux(server, True, 0.5)
+    wf["5"]["inputs"]["steps"] = 60
+    box = {}
+    runner = threading.Thread(target=lambda: box.setdefault("result", server.run(wf)))
+    runner.start()
+    deadline = time.time() + 300
+    while time.time() < deadline:          # until the model has run a few full steps
+        pools = server.get("/vbar/stats")["pools"]
+        flux_vbars = [v for v in pools.get("cpu", {}).get("vbars", [])
+                      if v["name"] == "tiny_flux.safetensors"]
+        if flux_vbars and flux_vbars[0]["faults"] > 150:
+            break
+        time.sleep(0.05)
+    status, _ = server.post("/interrupt", {})
+    assert status == 200
+    runner.join(600)
+    assert box["result"].status != "success", "the run ended before the interrupt: nothing tested"
+    pool = stats(server)
+    assert pool["pinned_bytes"] == 0, pool
+    assert digest(server.run(flux(server, True, 0.5))) == want
