@@ -208,8 +208,9 @@ class WeightStore:
         if v is None:
             if self.vbar is None or self.vbar.closed:
                 return None
-            # Room for every quantized weight in two dtypes; reserving costs address space only.
-            size = sum(2 * 4 * math.prod(x.shape) for x in self.handles if x.decode is not None)
+            # Room for every quantized weight in float32 (or two half-precision sets); a slot is
+            # only made for a weight that gets patched, and reserving costs address space only.
+            size = sum(4 * math.prod(x.shape) for x in self.handles if x.decode is not None)
             v = self.patch_vbar = self.pool.create_vbar(f"{self.name} (patched)", size + (1 << 20),
                                                         page_size=self.page_size)
             v.place_below(self.vbar)
