@@ -101,15 +101,25 @@ def reference_state_dict(path):
     return out
 
 
-def convert_safetensors(src, dst, qtype, arch="flux"):
+def convert_safetensors(src, dst, qtype, arch="flux", prefix="", flatten_conv=False):
     """A safetensors model -> GGUF with city96's rules: 1-D and tiny tensors F32, the rest
-    ``qtype`` where the row length fits its block, else Q8_0, else F16."""
+    ``qtype`` where the row length fits its block, else Q8_0, else F16. ``prefix``: only keys
+    under it, with it stripped (a checkpoint's diffusion model). ``flatten_conv``: conv weights
+    stored as 256-wide rows plus an orig_shape record, so they can be quantized."""
     from safetensors import safe_open
 
-    tensors = {}
+    tensors, orig = {}, {}
     with safe_open(str(src), framework="pt") as f:
-        for k in f.keys():
-            x = f.get_tensor(k).float().numpy()
+        for key in f.keys():
+            if not key.startswith(prefix):
+                continue
+            k = key[len(prefix):]
+            x = f.get_tensor(key).float().numpy()
+            if flatten_conv and x.ndim > 2 and x.size % 256 == 0:
+                orig[k] = (x.size // 256, 256)
+                tensors[k] = (x, qtype if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K)
+                              else QT.Q8_0)
+                continue
             if x.ndim <= 1 or x.size <= 1024:
                 qt = QT.F32
             elif fits(x.shape, qtype):
@@ -119,7 +129,7 @@ def convert_safetensors(src, dst, qtype, arch="flux"):
             else:
                 qt = QT.F16
             tensors[k] = (x, qt)
-    write_gguf(dst, tensors, arch=arch)
+    write_gguf(dst, tensors, arch=arch, orig_shapes=orig)
 
 
 def write_reference_safetensors(gguf_path, dst):

@@ -25,6 +25,7 @@ from test_comfyui_checkpoint import digest, load_wf, stats
 pytestmark = pytest.mark.comfyui
 
 FLUX = "diffusion_models/tiny_flux.safetensors"
+SD15 = "checkpoints/tiny_sd15.safetensors"
 CLIP_L = "text_encoders/tiny_clip_l.safetensors"
 LORA = "vbar_test_gguf_flux_lora.safetensors"
 LORA_TARGETS = {"double_blocks.0.img_attn.qkv": (3 * 3072, 3072),
@@ -49,6 +50,10 @@ def models(tmp_path_factory):
         gguf_path = d / "diffusion_models" / f"tiny_flux_{qt.name}.gguf"
         convert_safetensors(os.path.join(base, FLUX), gguf_path, qt, arch="flux")
         write_reference_safetensors(gguf_path, d / "diffusion_models" / f"tiny_flux_{qt.name}_ref.safetensors")
+    sd1 = d / "diffusion_models" / "tiny_sd15_unet_Q8_0.gguf"
+    convert_safetensors(os.path.join(base, SD15), sd1, QT.Q8_0, arch="sd1",
+                        prefix="model.diffusion_model.", flatten_conv=True)
+    write_reference_safetensors(sd1, d / "diffusion_models" / "tiny_sd15_unet_Q8_0_ref.safetensors")
     clip = d / "text_encoders" / "tiny_clip_l_Q8_0.gguf"
     convert_safetensors(os.path.join(base, CLIP_L), clip, QT.Q8_0, arch="clip")
     write_reference_safetensors(clip, d / "text_encoders" / "tiny_clip_l_Q8_0_ref.safetensors")
@@ -105,7 +110,7 @@ def run(srv, wf):
 def test_nodes_list_only_gguf_files(server):
     info = server.object_info()
     unets = info["VBARGGUFDiffusionModelLoader"]["input"]["required"]["unet_name"][0]
-    assert sorted(unets) == ["tiny_flux_Q4_K.gguf", "tiny_flux_Q8_0.gguf"]
+    assert sorted(unets) == ["tiny_flux_Q4_K.gguf", "tiny_flux_Q8_0.gguf", "tiny_sd15_unet_Q8_0.gguf"]
     clips = info["VBARGGUFCLIPLoader"]["input"]["required"]["clip_name"][0]
     assert "tiny_clip_l_Q8_0.gguf" in clips and "tiny_clip_l_Q8_0_ref.safetensors" in clips
     stock_unets = info["UNETLoader"]["input"]["required"]["unet_name"][0]
@@ -165,6 +170,28 @@ def test_flux_gguf_pinned_blocks_stay_resident_while_the_rest_streams(server):
     text = " ".join(r.errors)
     assert "has 1 double and 1 single blocks" in text and "got 2 and 0" in text, text
     run(server, flux(server, name, True, budget=64.0))       # leave the budget open
+
+
+def test_sd15_unet_gguf_with_quantized_convs_matches_stock(server):
+    """An SD1.5 UNet as GGUF (architecture sd1; conv kernels quantized through orig_shape
+    records): the stock UNETLoader on the gguf-py-decoded weights gives the same image, at an
+    unlimited and at a tiny budget."""
+    def wf(unet, vbar, budget=None):
+        w = load_wf(server, "sd15_tiny_api.json")
+        w["80"] = ({"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
+            "unet_name": unet, "dequant_dtype": "default", "patch_dtype": "default"}} if vbar else
+            {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}})
+        model = ["80", 0]
+        if budget is not None:
+            model = add_budget(w, model, budget)
+        w["5"]["inputs"]["model"] = model
+        return w
+
+    stock = run(server, wf("tiny_sd15_unet_Q8_0_ref.safetensors", False))
+    assert stock != run(server, load_wf(server, "sd15_tiny_api.json")), (
+        "the Q8_0 UNet gives the float image: quantization did not happen")
+    for budget in (64.0, 0.001):
+        assert run(server, wf("tiny_sd15_unet_Q8_0.gguf", True, budget)) == stock, budget
 
 
 def sd15_with_clip(srv, loader, clip_name):
