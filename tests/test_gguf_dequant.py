@@ -85,8 +85,22 @@ def test_many_chunks_with_a_partial_last_one(qt, monkeypatch):
     shape = (7, 3 * bs)  # 21 blocks: 5 full chunks and one of 1 block, in 3 header batches
     raw = random_blocks(qt, *shape, seed=99)
     assert torch.equal(ours(raw, qt, shape, torch.float32), reference(raw, qt))
-    got = ours(raw, qt, shape, torch.bfloat16)
-    assert torch.equal(got, reference(raw, qt).bfloat16())
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(ours(raw, qt, shape, dtype), reference(raw, qt).to(dtype))
+
+
+def test_float16_output_of_extreme_scales_is_the_reference_rounded_once():
+    """Rounding once to float16 at the edges: products that overflow, subnormal and zero
+    scales, the largest quants."""
+    for qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0):
+        shape = shape_for(qt, rows=4, blocks_per_row=16)
+        raw = random_blocks(qt, *shape, seed=3)
+        blocks = raw.reshape(-1, GGML_QUANT_SIZES[qt][1])   # a view: writes go to raw
+        scales = np.array([65504, -65504, 6e-8, -6e-8, 1e-5, 0.0, 1000.0, 3.0e4] * 8, np.float16)
+        blocks[:, :2] = scales[:blocks.shape[0]].view(np.uint8).reshape(-1, 2)
+        ref = reference(raw, qt)
+        assert torch.isinf(ref.half()).any()       # some products overflow float16
+        assert torch.equal(ours(raw, qt, shape, torch.float16), ref.half())
 
 
 @pytest.mark.parametrize("qt", (QT.Q8_0, QT.Q4_K, QT.Q3_K, QT.Q5_0), ids=lambda q: q.name)
