@@ -20,13 +20,18 @@ def _param(m, name, device, dtype):
         if p is None:
             return contextlib.nullcontext(None)
         return contextlib.nullcontext(p.to(device=device, dtype=dtype))
-    patches = getattr(m, f"{name}_function", None) or None
-    patch_dtype = getattr(m, "vbar_patch_dtype", None)
+    # Runs for every weight of every layer call: plain lookups, no Module.__getattr__ misses
+    # (ComfyUI's patcher sets <name>_function on the instance, its ops classes default it).
+    fname = _PATCH_LISTS[name]
+    patches = m.__dict__.get(fname) or getattr(type(m), fname, None) or None
+    patch_dtype = m.vbar_patch_dtype
     if patches and patch_dtype is not None and patch_dtype != dtype:
         # Loader option: patches (LoRA) computed in a chosen dtype, e.g. float32 on bf16.
-        return _cast(m._vbar_store.use(h, device, patch_dtype, patches,
-                                       getattr(m, "vbar_patch_key", None)), dtype)
-    return m._vbar_store.use(h, device, dtype, patches, getattr(m, "vbar_patch_key", None))
+        return _cast(m._vbar_store.use(h, device, patch_dtype, patches, m.vbar_patch_key), dtype)
+    return m._vbar_store.use(h, device, dtype, patches, m.vbar_patch_key)
+
+
+_PATCH_LISTS = {"weight": "weight_function", "bias": "bias_function"}
 
 
 @contextlib.contextmanager
@@ -101,6 +106,8 @@ class VbarLayer:
     """Mixin placed in front of a layer's own class."""
 
     _vbar_forward = None
+    vbar_patch_dtype = None   # loader hooks, set per instance where used (see _param)
+    vbar_patch_key = None
 
     def forward(self, *args, **kwargs):
         try:
