@@ -45,6 +45,7 @@ def start_server(harness, comfy, python, models, **kw):
     from harness import ComfyServer
 
     srv = ComfyServer(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python, **kw)
+    srv.harness_dir = harness   # where its workflows are (see load_wf)
     srv.start()
     failures = [f for f in srv.import_failures() if ROOT.name in str(f) or str(ROOT) in str(f)]
     if failures:

@@ -23,7 +23,6 @@ def server():
     ensure_models(harness, python, models, comfy)
     write_lora(models)
     srv = start_server(harness, comfy, python, models)
-    srv.harness_dir = harness
     yield srv
     srv.stop()
 

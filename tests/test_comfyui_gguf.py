@@ -77,7 +77,6 @@ def write_flux_lora(path):
 def server(models):
     comfy, harness, python, _ = comfy_paths()
     srv = start_server(harness, comfy, python, str(models))
-    srv.harness_dir = harness
     yield srv
     srv.stop()
 

@@ -33,7 +33,6 @@ def server():
     write_nf4_files(models)
     write_nf4_checkpoint(models)
     srv = start_server(harness, comfy, python, models)
-    srv.harness_dir = harness
     yield srv
     srv.stop()
 

@@ -454,40 +454,28 @@ def test_huge_array_and_string_lengths_fail_fast(good):
     expect_error(variant(good, "str.gguf", string_len), "needs 1125899906842624 bytes")
 
 
-def test_offsets_past_the_end_overlapping_or_misaligned(good):
-    def past(d):
-        struct.pack_into("<Q", d, tensor_info_at(d, "blk.b.weight")[3], 10**9)
-
-    e = expect_error(variant(good, "past.gguf", past), "past the end")
-    assert e.tensor == "blk.b.weight"
-
-    def overlap(d):
-        struct.pack_into("<Q", d, tensor_info_at(d, "blk.b.weight")[3], 0)
-
-    expect_error(variant(good, "overlap.gguf", overlap), "overlaps")
-
-    def misaligned(d):
-        struct.pack_into("<Q", d, tensor_info_at(d, "blk.b.weight")[3], 8)
-
-    expect_error(variant(good, "misaligned.gguf", misaligned), "alignment")
+# A corrupted field of one tensor's info record: (tensor, field index in tensor_info_at,
+# struct format, value written, expected message, whether the error must name the tensor).
+BAD_TENSOR_INFO = {
+    "past": ("blk.b.weight", 3, "<Q", 10**9, "past the end", True),
+    "overlap": ("blk.b.weight", 3, "<Q", 0, "overlaps", False),
+    "misaligned": ("blk.b.weight", 3, "<Q", 8, "alignment", False),
+    "qtype": ("blk.a.weight", 2, "<I", 99, "unknown tensor type number 99", True),
+    "ndims": ("blk.a.weight", 0, "<I", 7, "7 dimensions", False),
+    "row": ("blk.a.weight", 1, "<Q", 48, "not a multiple of the Q8_0 block size 32", False),
+}
 
 
-def test_unknown_qtype_and_bad_dims(good):
-    def qtype(d):
-        struct.pack_into("<I", d, tensor_info_at(d, "blk.a.weight")[2], 99)
+@pytest.mark.parametrize("case", BAD_TENSOR_INFO)
+def test_bad_tensor_info_records(good, case):
+    tensor, field, fmt, value, message, names_tensor = BAD_TENSOR_INFO[case]
 
-    e = expect_error(variant(good, "qt.gguf", qtype), "unknown tensor type number 99")
-    assert e.tensor == "blk.a.weight"
+    def corrupt(d):
+        struct.pack_into(fmt, d, tensor_info_at(d, tensor)[field], value)
 
-    def ndims(d):
-        struct.pack_into("<I", d, tensor_info_at(d, "blk.a.weight")[0], 7)
-
-    expect_error(variant(good, "nd.gguf", ndims), "7 dimensions")
-
-    def row(d):
-        struct.pack_into("<Q", d, tensor_info_at(d, "blk.a.weight")[1], 48)
-
-    expect_error(variant(good, "row.gguf", row), "not a multiple of the Q8_0 block size 32")
+    e = expect_error(variant(good, f"{case}.gguf", corrupt), message)
+    if names_tensor:
+        assert e.tensor == tensor
 
 
 def test_bad_orig_shape(tmp_path):
