@@ -6,6 +6,7 @@ them: a ``LowVramPatch`` per patched weight in the layer's ``weight_function`` l
 apply them to a private copy after the fault and keep the result in the resident slot (for a
 quantized weight: in the store's patch VBAR) until the patch set (``patches_uuid``) changes.
 """
+import functools
 import logging
 import weakref
 
@@ -126,12 +127,17 @@ def patcher_class():
 def _low_vram_patch(mp, model, key, patches):
     """ComfyUI's LowVramPatch for ``key``. Until October 2025 (v0.3.64) it took (key, patches); the
     convert/set functions it takes since are for scaled-fp8 weights, which we do not load."""
-    import inspect
-
-    if len(inspect.signature(mp.LowVramPatch).parameters) < 4:
+    if _takes_two_args(mp.LowVramPatch):
         return mp.LowVramPatch(key, patches)
     _, set_func, convert_func = mp.get_key_weight(model, key)
     return mp.LowVramPatch(key, patches, convert_func, set_func)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_two_args(cls):   # asked once per loaded patched weight: inspect once per class
+    import inspect
+
+    return len(inspect.signature(cls).parameters) < 4
 
 
 def adopt(patcher, store):
