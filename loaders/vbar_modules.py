@@ -63,11 +63,21 @@ def _conv_transpose(m, x, output_size=None):
 
 
 def _embedding(m, x, out_dtype=None):
-    stored = m.weight.dtype
+    stored = _table_dtype(m)
     dtype = stored if stored in (torch.float16, torch.bfloat16) or out_dtype is None else out_dtype
     with _param(m, "weight", x.device, dtype) as w:
         out = F.embedding(x, w, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
     return out.to(dtype=out_dtype) if out_dtype is not None else out
+
+
+def _table_dtype(m):
+    """The dtype an Embedding's table holds: a quantized (decoded) table reports its packed
+    bytes' uint8, so use what it decodes to: the dtype ComfyUI would have stored, else float32."""
+    h = m._vbar_handles.get("weight")
+    if h is None or h.decode is None:
+        return m.weight.dtype
+    dq = getattr(h.decode, "weight_dtype", None) or getattr(h.decode, "dequant_dtype", None)
+    return dq if isinstance(dq, torch.dtype) else torch.float32
 
 
 def _layer_norm(m, x):

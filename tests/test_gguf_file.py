@@ -7,6 +7,7 @@ with its weights dequantized by gguf-py's reference decoder, at every budget.
 import pickle
 import struct
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ from vbar_loaders.loaders import gguf_file
 from vbar_loaders.loaders.errors import GGUFError
 from vbar_loaders.loaders.gguf_file import GGUFFile
 from vbar_loaders.loaders.gguf_names import t5_name, text_encoder_names
-from vbar_loaders.loaders.gguf_weights import (GGUFWeight, attach_sources, choice_dtype,
+from vbar_loaders.loaders.gguf_weights import (Decoder, GGUFWeight, attach_sources, choice_dtype,
                                                dequantize_unmanaged, gguf_state_dict,
                                                set_patch_dtype)
 from vbar_loaders.loaders.vbar_modules import vbarize
@@ -614,4 +615,22 @@ def test_patched_results_only_use_budget_the_quantized_bytes_leave(files):
         assert store.vbar.stats()["resident_bytes"] == packed
         assert torch.equal(lin(h), want(h))
     store.close()
+    pool.close()
+
+
+def test_quantized_embedding_returns_floats():
+    """A quantized Embedding table reports uint8 (its packed bytes); called without out_dtype the
+    layer must still return the decoded float values, as a float table would."""
+    table = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    packed = torch.from_numpy(gguf.quants.quantize(table.numpy(), QT.Q8_0).copy()).reshape(-1)
+    emb = nn.Embedding(64, 256)
+    emb._parameters["weight"] = GGUFWeight(packed, Decoder(QT.Q8_0, (64, 256), (64, 256)))
+    attach_sources(emb)
+    pool = Pool(HostBackend(), budget=64 << 20)
+    vbarize(emb, WeightStore("m", pool, page_size=PAGE, small_bytes=0))
+    ids = torch.tensor([1, 2, 63])
+    want = torch.from_numpy(gguf.quants.dequantize(packed.numpy(), QT.Q8_0).reshape(64, 256))[ids]
+    with torch.no_grad():
+        got = emb(ids)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
     pool.close()
