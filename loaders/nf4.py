@@ -5,6 +5,8 @@ compute device each forward. On CPU the result is bit-identical to
 ``bitsandbytes.functional.dequantize_4bit``; on CUDA bitsandbytes' kernel is used if it
 is installed (same arithmetic: fp32 product, one rounding into the output dtype).
 """
+import functools
+
 import torch
 
 from . import nf4_kernels as K
@@ -24,8 +26,15 @@ def absmax_f32(w, device=None):
     vals = K.dequantize_blockwise_8bit(
         w.absmax.to(device), w.nested_absmax.to(device, torch.float32),
         w.nested_quant_map.to(device, torch.float32), w.nested_blocksize)
-    # fp32 tensor, not a Python float: the add must round in fp32, as bnb's does.
-    return vals.add_(torch.tensor(w.nested_offset, dtype=torch.float32, device=device))
+    return vals.add_(_offset(w.nested_offset, device))
+
+
+@functools.lru_cache(maxsize=64)
+def _offset(value, device):
+    # fp32 tensor, not a Python float: the add must round in fp32, as bnb's does. Cached: it is
+    # needed at every forward of a v1 weight, and on CUDA making it is a host-to-device copy.
+    with torch.inference_mode(False):   # usable both inside and outside inference mode
+        return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 _bnb = []

@@ -111,14 +111,13 @@ def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=Non
 
 def dequantize_blockwise_8bit(codes, absmax, code, blocksize):
     """bitsandbytes.functional.dequantize_blockwise in fp32: ``code[q] * absmax[i // bs]``."""
-    vals = code.index_select(0, codes.reshape(-1).to(torch.int32))
+    vals = code.index_select(0, codes.reshape(-1).to(torch.int32))   # a fresh tensor: scale in place
     n = vals.numel()
     full = n // blocksize * blocksize
-    out = torch.empty_like(vals)
-    out[:full] = (vals[:full].view(-1, blocksize) * absmax[: full // blocksize, None]).view(-1)
+    vals[:full].view(-1, blocksize).mul_(absmax[: full // blocksize, None])
     if full < n:
-        out[full:] = vals[full:] * absmax[full // blocksize]
-    return out
+        vals[full:].mul_(absmax[full // blocksize])
+    return vals
 
 
 def _bounds(quant_type, device):
