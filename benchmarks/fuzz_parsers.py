@@ -914,6 +914,17 @@ def _rss():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss():
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: across fork + exec Linux
+    carries the parent's peak into it, so a worker started by a large process (a test session
+    that loaded models) would report that process's size as its own."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _vm_size():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -964,7 +975,7 @@ def worker(args):
         after = _rss()
         rec = {"i": index, "h": index < 0, "kind": kind, "s": dt, "rss": after,
                "grow": after - before,
-               "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+               "maxrss": _peak_rss()}
         if kind not in ("ok", "typed"):
             rec.update(detail=detail, log=log)
         elif dt > 0.1:   # slow: say which mutation, for the report's slowest case
