@@ -103,6 +103,25 @@ def test_float16_output_of_extreme_scales_is_the_reference_rounded_once():
         assert torch.equal(ours(raw, qt, shape, torch.float16), ref.half())
 
 
+@pytest.mark.parametrize("qt", QUANTS, ids=lambda q: q.name)
+def test_accelerator_path_is_identical(qt, monkeypatch):
+    """The fused ops CUDA runs (in-kernel conversions, no float32 copy) give the same bits;
+    they run here on CPU, only slower. Extreme fp16 scales check the rounding into half."""
+    bs, _ = GGML_QUANT_SIZES[qt]
+    shape = (7, 3 * bs)
+    raw = random_blocks(qt, *shape, seed=31)
+    blocks = raw.reshape(-1, GGML_QUANT_SIZES[qt][1])
+    field = F16_FIELDS[qt][0]
+    blocks[::3, field:field + 2] = np.array([3.0e4], np.float16).view(np.uint8)
+    blocks[1::5, field:field + 2] = np.array([6e-8], np.float16).view(np.uint8)
+    ref = reference(raw, qt)
+    monkeypatch.setattr(gd, "_fuses", lambda device: True)
+    monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs // torch.get_num_threads())  # several chunks
+    assert torch.equal(ours(raw, qt, shape, torch.float32), ref)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(ours(raw, qt, shape, dtype), ref.to(dtype))
+
+
 @pytest.mark.parametrize("qt", (QT.Q8_0, QT.Q4_K, QT.Q3_K, QT.Q5_0), ids=lambda q: q.name)
 def test_two_threads_and_inference_mode(qt, monkeypatch):
     bs, _ = GGML_QUANT_SIZES[qt]
