@@ -7,6 +7,7 @@ against a reference measured in the same run.
   P4 step time at 25/50/75 % resident vs max(compute, transfer)      (bench_overlap.py)
   P5 GGUF dequant throughput vs gguf's numpy reference and memcpy    (bench_gguf_dequant.py)
   P6 NF4 dequant throughput vs bitsandbytes' CPU kernel and memcpy   (bench_nf4.py)
+  P5/P6 floor: the eager-torch ops under those goals, vs the same refs (bench_eager_floor.py)
 
     python benchmarks/perf_suite.py           # full sizes (P1 writes a >= 2 GB file; minutes)
     python benchmarks/perf_suite.py --quick   # tiny sizes: checks that everything runs
@@ -24,6 +25,7 @@ SUITE = [
     ("P4", "bench_overlap.py"),
     ("P5", "bench_gguf_dequant.py"),
     ("P6", "bench_nf4.py"),
+    ("P5/P6 floor", "bench_eager_floor.py"),
 ]
 
 

@@ -74,6 +74,12 @@ def default_chunk(device):
     return 1 << 18 if torch.device(device).type == "cpu" else 1 << 22
 
 
+def _fuses(device):
+    """Whether a mixed-dtype op converts in-kernel on ``device`` (CUDA, XPU, MPS) instead of
+    through a temporary copy (CPU)."""
+    return device.type != "cpu"
+
+
 def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=None, chunk=None):
     """Flat dequant: ``out[i] = code[nibble(i)] * absmax[i // blocksize]`` in fp32, then cast.
 
@@ -85,6 +91,7 @@ def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=Non
         out = torch.empty(numel, dtype=dtype, device=device)
     flat = out.view(-1)
     table = _pair_table(quant_type, device)
+    split = not _fuses(device)
     full_blocks = numel // blocksize
     step = max(1, (chunk or default_chunk(device)) // blocksize) * blocksize
     nbytes = min(step, full_blocks * blocksize) // 2
@@ -99,8 +106,13 @@ def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=Non
         torch.index_select(table, 0, idx[:m], out=gathered[:m])
         vals = gathered[:m].view(torch.float32).view(-1, blocksize)
         scale = absmax[start // blocksize: stop // blocksize, None]
-        # One op: multiply in fp32 and round once into the output dtype, as bnb does.
-        torch.mul(vals, scale, out=flat[start:stop].view(-1, blocksize))
+        dst = flat[start:stop].view(-1, blocksize)
+        # Multiply in fp32 and round once into the output dtype, as bnb does. On CPU a
+        # mixed-dtype op copies through a temporary: scaling in place, then one cast, is faster.
+        if split and dst.dtype != torch.float32:
+            dst.copy_(vals.mul_(scale))
+        else:
+            torch.mul(vals, scale, out=dst)
     rem = numel - full_blocks * blocksize
     if rem:
         tail = packed[full_blocks * blocksize // 2:].to(torch.int32)

@@ -66,6 +66,13 @@ def test_bench_vram_quick():
 def test_perf_suite_runs_at_tiny_sizes():
     rc, out, err = run(ROOT / "benchmarks" / "perf_suite.py", "--quick", timeout=600)
     assert rc == 0, out[-3000:] + err[-3000:]
-    for label in ("P1+P3", "P2", "P4", "P5", "P6"):
+    for label in ("P1+P3", "P2", "P4", "P5", "P6", "P5/P6 floor"):
         assert f"--- {label} took" in out and "(exit 0)" in out
     assert "prefetch/bound" in out and "load: ours / load_file" in out
+
+
+def test_bench_eager_floor_prints_both_verdicts():
+    rc, out, err = run(ROOT / "benchmarks" / "bench_eager_floor.py", "--quick")
+    assert rc == 0, out + err
+    assert re.search(r"fastest exact sequence [\d.]+; its speed-up [\d.]+x \(goal 2x\)", out), out
+    assert re.search(r"gather \+ last pass alone: [\d.]+x of bitsandbytes \(goal 0\.5x\)", out), out

@@ -11,6 +11,7 @@ from vbar_loaders.loaders.nf4 import (
     NF4Weight, dequantize_nf4, nf4_state_dict_entries, parse_quant_state, quantize_nf4,
 )
 from vbar_loaders.loaders.nf4_kernels import code_table, dynamic_map, quantize_blockwise_8bit
+from vbar_loaders.loaders import nf4_kernels
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -57,7 +58,10 @@ SHAPES = [(64, 256), (128, 3072), (33, 17), (7,), (4, 48), (3, 96), (1, 4096)]
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [True, False], ids=["v1", "v2"])
-def test_dequant_bit_exact_vs_bnb(shape, quant_type, nested):
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-ops", "accelerator-ops"])
+def test_dequant_bit_exact_vs_bnb(shape, quant_type, nested, fused, monkeypatch):
+    # accelerator-ops: the one-call mixed-dtype multiply CUDA runs, here on CPU
+    monkeypatch.setattr(nf4_kernels, "_fuses", lambda device: fused)
     torch.manual_seed(hash((shape, quant_type, nested)) % 1000)
     x = torch.randn(shape, dtype=torch.bfloat16) * 0.05
     for blocksize in (64, 32, 4096) if shape == (128, 3072) else (64,):
