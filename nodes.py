@@ -314,7 +314,8 @@ class VBARGGUFDiffusionModelLoader:
 
 
 class VBARGGUFCLIPLoader:
-    DESCRIPTION = ("Loads a text encoder from a .gguf (T5, CLIP) or .safetensors file; the VRAM "
+    DESCRIPTION = ("Loads a text encoder from a .gguf (T5, CLIP, Qwen2/2.5-VL, Llama, Gemma) or "
+                   ".safetensors file; the VRAM "
                    "budget holds the quantized bytes, dequantized per layer as it runs.")
 
     @classmethod

@@ -12,13 +12,16 @@ from .comfy_pins import follow_pins
 from .errors import GGUFError
 from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
 from .gguf_file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
-from .gguf_names import text_encoder_names
+from .gguf_names import (GEMMA_ARCHS, LLM_ARCHS, T5_ARCHS, llama_unpermute_index,
+                         text_encoder_names)
+from .gguf_tokenizer import has_sentencepiece, sentencepiece_model
 from .gguf_weights import (attach_sources, choice_dtype, dequantize_unmanaged, gguf_state_dict,
-                           set_patch_dtype)
+                           set_patch_dtype, take_rows)
 
 log = logging.getLogger("vbar")
 
 GGUF_EXT = ".gguf"
+SUPPORTED_TEXT_ARCHS = (*T5_ARCHS, "clip", *LLM_ARCHS)
 
 
 def _check_all(checks):
@@ -114,12 +117,22 @@ def text_encoder_state_dict(gf):
     if arch is not None and arch in IMAGE_ARCHS:
         raise GGUFError(gf.path, f"this is a diffusion model (architecture '{arch}'), not a text "
                         f"encoder", "Load it with the VBAR GGUF Diffusion Model Loader")
-    if arch is not None and arch not in ("t5", "t5encoder", "clip"):
+    if arch is not None and arch not in SUPPORTED_TEXT_ARCHS:
         raise GGUFError(gf.path, f"text-encoder architecture '{arch}' is not supported by the "
-                        f"VBAR GGUF loaders (T5 and CLIP are)",
+                        f"VBAR GGUF loaders (these are: {', '.join(SUPPORTED_TEXT_ARCHS)})",
                         "Use a safetensors version of this encoder, or ComfyUI-GGUF")
     names = text_encoder_names(arch, gf.keys())
     sd = gguf_state_dict(gf, names)
+    if arch in LLM_ARCHS:
+        _undo_llama_cpp_edits(gf, arch, sd)
+    if _tokenizer_comes_from_file(arch, sd):
+        if not has_sentencepiece(gf):
+            raise GGUFError(gf.path, "ComfyUI takes this encoder's tokenizer from the file, and "
+                            "this GGUF has no sentencepiece vocabulary in its metadata",
+                            "Use a GGUF converted with llama.cpp's convert_hf_to_gguf.py (it keeps "
+                            "the vocabulary), or the safetensors version")
+        import torch
+        sd["spiece_model"] = torch.frombuffer(bytearray(sentencepiece_model(gf)), dtype=torch.uint8)
     if any(".resblocks." in k for k in sd) or "text_projection" in sd:
         # OpenCLIP layout: ComfyUI slices in_proj and transposes text_projection while
         # converting, which needs real values.
@@ -128,6 +141,52 @@ def text_encoder_state_dict(gf):
                 v = sd[k]
                 sd[k] = v.dequantize() if hasattr(v, "vbar_decode") else v
     return sd
+
+
+UMT5_VOCAB = 256384
+
+
+def _tokenizer_comes_from_file(arch, sd):
+    """Gemma (Lumina 2) and UMT5 (Wan, ACE) encoders: ComfyUI reads their sentencepiece model
+    from the weights file (``spiece_model``), as Comfy-Org's safetensors ship it. Plain T5
+    (vocabulary 32128) uses a tokenizer of ComfyUI's own, and must not get one: on a T5-base
+    its presence would select ACE's encoder over Stable Audio's."""
+    if arch in GEMMA_ARCHS:
+        return True
+    emb = sd.get("shared.weight")
+    return emb is not None and emb.shape[0] == UMT5_VOCAB
+
+
+def _undo_llama_cpp_edits(gf, arch, sd):
+    """Reverse what llama.cpp's converter changes in values, not just names.
+
+    * Llama: Q and K rows are permuted per head (for its interleaved RoPE); the head counts
+      come from the file's metadata.
+    * Gemma 2/3: norm weights are stored plus one; ComfyUI's Gemma norms add the one at run
+      time, like Hugging Face's."""
+    if arch == "llama":
+        heads = gf.field("llama.attention.head_count")
+        if not isinstance(heads, int) or heads <= 0:
+            raise GGUFError(gf.path, f"metadata llama.attention.head_count is {heads!r}",
+                            "The Q/K weights cannot be put back in order without it; convert "
+                            "the model again with llama.cpp's convert_hf_to_gguf.py")
+        kv = gf.field("llama.attention.head_count_kv", heads)
+        for key in list(sd):
+            part = key.rsplit(".", 2)[-2:]
+            n = {"q_proj": heads, "k_proj": kv}.get(part[0]) if len(part) == 2 else None
+            if n is None:
+                continue
+            try:
+                index = llama_unpermute_index(sd[key].shape[0], n)
+            except ValueError as e:
+                raise GGUFError(gf.path, f"{e} (head counts from metadata: {heads} query, {kv} "
+                                f"key/value)", "The metadata does not match the weights",
+                                tensor=key) from None
+            sd[key] = take_rows(sd[key], index)
+    elif arch in GEMMA_ARCHS:
+        for key in list(sd):
+            if key.endswith("norm.weight"):
+                sd[key] = sd[key].float() - 1.0
 
 
 def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=None,

@@ -36,7 +36,8 @@ ORIG_SHAPE_PREFIX = "comfy.gguf.orig_shape."
 
 IMAGE_ARCHS = frozenset({"flux", "sd1", "sdxl", "sd3", "aura", "hidream", "cosmos", "ltxv",
                          "hyvid", "wan", "lumina2", "qwen_image"})
-TEXT_ARCHS = frozenset({"t5", "t5encoder", "clip", "llama", "qwen2vl", "qwen3", "qwen3vl"})
+TEXT_ARCHS = frozenset({"t5", "t5encoder", "clip", "llama", "qwen2", "qwen2vl", "qwen3", "qwen3vl",
+                        "gemma2", "gemma3"})
 
 # GGUF value types: id -> (name, fixed size or None)
 _STRING, _ARRAY = 8, 9

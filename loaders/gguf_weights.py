@@ -154,6 +154,14 @@ def _rewrap(self, packed=None):
     return GGUFWeight(self.vbar_packed if packed is None else packed, self.vbar_decode)
 
 
+def take_rows(t, index):
+    """``t`` with its first-dimension rows reordered by ``index``: a GGUFWeight's packed rows
+    are moved whole (a row is whole blocks), so it stays quantized. A copy in RAM."""
+    if isinstance(t, GGUFWeight):
+        return _rewrap(t, t.vbar_packed.index_select(0, index))
+    return t.index_select(0, index)
+
+
 def _detach(self):
     # nn.Parameter(w) and state_dict() detach: keep it a GGUFWeight with its logical shape.
     return _rewrap(self)

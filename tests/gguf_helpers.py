@@ -4,6 +4,8 @@ gguf-py quantizes Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 (and F16/BF16) itself but has no K-qu
 so ``quantize_q4_k`` here writes valid Q4_K blocks (simple min/max fit, not llama.cpp's
 search; only the layout matters for the tests, which compare against gguf-py's decoder).
 """
+import re
+
 import gguf
 import numpy as np
 import torch
@@ -138,3 +140,95 @@ def write_reference_safetensors(gguf_path, dst):
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in reference_state_dict(gguf_path).items()}, str(dst))
+
+
+# ---- decoder LLMs (Llama, Qwen, Gemma) written as llama.cpp's convert_hf_to_gguf.py does ----
+# Written from llama.cpp's documented conventions, independently of loaders/gguf_names.py.
+_LLAMA_CPP_PARTS = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_LLAMA_CPP_NORMS = {  # the two archs name the post-attention norm differently
+    "llama": {"post_attention_layernorm": "ffn_norm"},
+    "gemma": {"post_attention_layernorm": "post_attention_norm",
+              "pre_feedforward_layernorm": "ffn_norm",
+              "post_feedforward_layernorm": "post_ffw_norm"},
+}
+
+
+def llm_config_sd(cfg, rng, qkv_bias=False, gemma=False, q_norm=False):
+    """Random Hugging Face-named float32 weights for a decoder LLM of ``cfg`` (hidden, inter,
+    layers, heads, kv_heads, head_dim, vocab)."""
+    h, i, hd = cfg["hidden"], cfg["inter"], cfg["head_dim"]
+    q, kv = cfg["heads"] * hd, cfg["kv_heads"] * hd
+
+    def r(*shape, s=0.05):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+
+    sd = {"model.embed_tokens.weight": r(cfg["vocab"], h, s=1.0), "model.norm.weight": 1 + r(h)}
+    for n in range(cfg["layers"]):
+        p = f"model.layers.{n}."
+        sd.update({p + "self_attn.q_proj.weight": r(q, h), p + "self_attn.k_proj.weight": r(kv, h),
+                   p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.o_proj.weight": r(h, q),
+                   p + "mlp.gate_proj.weight": r(i, h), p + "mlp.up_proj.weight": r(i, h),
+                   p + "mlp.down_proj.weight": r(h, i),
+                   p + "input_layernorm.weight": 1 + r(h), p + "post_attention_layernorm.weight": 1 + r(h)})
+        if qkv_bias:
+            sd.update({p + "self_attn.q_proj.bias": r(q), p + "self_attn.k_proj.bias": r(kv),
+                       p + "self_attn.v_proj.bias": r(kv)})
+        if gemma:
+            sd.update({p + "pre_feedforward_layernorm.weight": r(h),
+                       p + "post_feedforward_layernorm.weight": r(h)})
+        if q_norm:
+            sd.update({p + "self_attn.q_norm.weight": r(hd), p + "self_attn.k_norm.weight": r(hd)})
+    return sd
+
+
+def llama_cpp_permute(x, heads):
+    """convert_hf_to_gguf.py's LlamaModel.permute: rotate-half pairs -> interleaved pairs."""
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+# A minimal sentencepiece (BPE) vocabulary as llama.cpp stores one: Gemma GGUFs need theirs.
+SPM_KV = {"tokenizer.ggml.model": "llama",
+          "tokenizer.ggml.tokens": ["<pad>", "</s>", "<s>", "<unk>", "\u2581a", "a", "b"],
+          "tokenizer.ggml.scores": [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0],
+          "tokenizer.ggml.token_type": [3, 3, 3, 2, 1, 1, 1]}
+
+
+def write_llm_gguf(path, hf_sd, arch, qtype, heads, kv_heads, extra=None, kv_extra=None):
+    """Hugging Face-named weights -> a GGUF as llama.cpp writes it; returns the reference:
+    {HF name: float32 torch tensor} that a loader must produce (gguf-py's decode of what was
+    written, with llama.cpp's value edits undone the way the model would see them)."""
+    gemma = arch.startswith("gemma")
+    norms = _LLAMA_CPP_NORMS["gemma" if gemma else "llama"]
+    tensors, ref = {}, {}
+    for k, x in hf_sd.items():
+        if k == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif k == "model.norm.weight":
+            name = "output_norm.weight"
+        else:
+            n, part, kind = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", k).groups()
+            name = f"blk.{n}.{_LLAMA_CPP_PARTS.get(part) or norms[part]}.{kind}"
+        stored = x
+        if arch == "llama" and ".self_attn.q_proj." in k:
+            stored = llama_cpp_permute(x, heads)
+        elif arch == "llama" and ".self_attn.k_proj." in k:
+            stored = llama_cpp_permute(x, kv_heads)
+        if gemma and k.endswith("norm.weight"):
+            stored = x + np.float32(1)
+        qt = qtype if x.ndim == 2 and fits(x.shape, qtype) else QT.F32
+        tensors[name] = (stored, qt)
+        back = gguf.quants.dequantize(quantize(x, qt), qt).reshape(x.shape).astype(np.float32)
+        if gemma and k.endswith("norm.weight"):
+            back = (x + np.float32(1)) - np.float32(1)   # F32 +1 then -1: as the loader sees it
+        ref[k] = torch.from_numpy(np.ascontiguousarray(back))
+    for name, x in (extra or {}).items():
+        tensors[name] = (x, QT.F32)
+    kv = {f"{arch}.attention.head_count": heads, f"{arch}.attention.head_count_kv": kv_heads,
+          **(kv_extra or {})}
+    write_gguf(path, tensors, arch=arch, kv=kv)
+    return ref

@@ -219,3 +219,34 @@ def test_text_encoders_in_process(models, tmp_path):
     assert out["t5_cond_scale"] > 0.1
     for case in ("clip_l_gguf", "flux_dual_gguf", "flux_mixed_safetensors_gguf"):
         assert out[case] == 0.0, out
+
+
+def test_llm_text_encoders_in_process(models, tmp_path):
+    """Qwen2.5-VL text weights (qwen2vl) through the loader as type qwen_image, and Llama /
+    Gemma 2 in ComfyUI's own modules: identical to the original weights, so llama.cpp's Q/K
+    permutation and Gemma's norm offset are undone and every name lands. And the sentencepiece
+    models rebuilt from GGUF metadata tokenize in ComfyUI's Wan and Lumina 2 tokenizers as the
+    originals do."""
+    pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    from spm_helpers import CASES, to_gguf, train
+
+    comfy, harness, python, base = comfy_paths()
+    tok_dir = tmp_path / "tokenizers"
+    tok_dir.mkdir()
+    for name, case in (("umt5", "unigram_nfkc"), ("gemma", "bpe_bytes")):
+        kind, opts = CASES[case]
+        model = train(**opts)
+        (tok_dir / f"{name}.model").write_bytes(model)
+        to_gguf(tok_dir / f"{name}.gguf", model, kind)
+    env = dict(os.environ, PYTHONPATH=os.path.join(harness, "torchvision_stub"))
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy_gguf_llm_check.py"), comfy, str(tmp_path),
+                        str(tok_dir)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["qwen_image_tokens"] > 10        # ComfyUI's Qwen template and tokenizer ran
+    for case in ("qwen_image", "llama", "gemma2"):
+        assert out[f"{case}_scale"] > 0.1, out
+        assert out[case] == 0.0, out
+    for name in ("umt5", "gemma"):              # the file's vocabulary, rebuilt, in ComfyUI's tokenizers
+        assert out[f"tokenizer_{name}_tokens"] > 5, out
+        assert out[f"tokenizer_{name}"] == 0, out
