@@ -1,13 +1,14 @@
 """Zero-copy, validating reader for .gguf model files (diffusion models and text encoders).
 
 The header is walked once by ``_scan`` with every count, length and offset checked against the
-file's size, *then* parsed by ``gguf.GGUFReader``. GGUFReader trusts the file: a huge array
-length makes it loop for hours, a short string is silently truncated, and a bad field raises
-whatever numpy raises. So nothing reaches it that has not been bounds-checked, and anything it
-still raises becomes a ``GGUFError`` naming the file.
+file's size; it records where each metadata value and tensor lies, and ``field()`` decodes a
+value from there on request. (``gguf.GGUFReader`` was used before: it trusts the file, so a huge
+array length makes it loop for hours, and it builds a numpy view per array element, which took
+10 s to open a UMT5 text encoder for its 256k-token vocabulary. The gguf package still supplies
+the quantization types and block sizes.)
 
-Tensor data stays in GGUFReader's private (copy-on-write) memory map: quantized tensors come back
-as uint8 views of their packed blocks, float and integer tensors as typed views. Shapes are
+Tensor data stays in one private (copy-on-write) memory map of the file: quantized tensors come
+back as uint8 views of their packed blocks, float and integer tensors as typed views. Shapes are
 given as torch shapes (GGUF lists dimensions fastest-first, i.e. reversed), or as the original
 shape a converter recorded under ``comfy.gguf.orig_shape.<tensor>`` when it had to flatten a
 tensor into rows of whole blocks (city96's ComfyUI-GGUF convert tool does this for conv weights).
@@ -19,6 +20,7 @@ import struct
 import sys
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .errors import FileChangedError, GGUFError
@@ -150,8 +152,31 @@ class _Scanner:
         self.fail(f"metadata '{key}' has unknown value type {vtype}")
 
 
+def _decode(buf, arr, vtype, pos):
+    """(value, end offset) of the already validated metadata value at ``pos``; arrays come
+    back as flat lists (scalar arrays in one numpy conversion)."""
+    if vtype in _SCALARS:
+        fmt, n = _SCALARS[vtype]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + n
+    if vtype == _STRING:
+        n = struct.unpack_from("<Q", buf, pos)[0]
+        return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+    itype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if itype in _SCALARS:
+        fmt, n = _SCALARS[itype]
+        vals = arr[pos: pos + count * n].view(np.dtype(fmt)).tolist()
+        return vals, pos + count * n
+    out = []
+    for _ in range(count):
+        v, pos = _decode(buf, arr, itype, pos)
+        out.extend(v) if itype == _ARRAY else out.append(v)
+    return out, pos
+
+
 def _scan(path, buf, size):
-    """Validate the header; returns (version, alignment, data_start, [tensor records], kv)."""
+    """Validate the header; returns (version, alignment, data_start, [tensor records],
+    {key: (value type, value offset)})."""
     qt_enum, quant_sizes = _qtypes()
     s = _Scanner(path, buf, size)
     if size < 24:
@@ -189,8 +214,8 @@ def _scan(path, buf, size):
         if key in kv:
             s.fail(f"metadata key '{key}' appears twice")
         vtype = s.u32(f"type of '{key}'")
+        kv[key] = (vtype, s.pos)
         val = s.value(vtype, key)
-        kv[key] = vtype
         if key == "general.alignment":
             if vtype != 4 or val == 0 or val & (val - 1):
                 s.fail(f"general.alignment must be a power-of-two UINT32, got {val!r} "
@@ -284,12 +309,14 @@ class GGUFFile:
             if st.st_size == 0:
                 raise GGUFError(self.path, "the file is empty", "The download or copy was "
                                 "probably interrupted; fetch it again")
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as buf:
-                scanned = _scan(self.path, buf, st.st_size)
+            # Private and copy-on-write: tensors are writable without touching the file
+            # (ComfyUI and torch warn about, or refuse, read-only arrays).
+            self._buf = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            scanned = _scan(self.path, self._buf, st.st_size)
         finally:
             os.close(fd)
-        self.version, self.alignment, self.data_start, records, self._kv_types = scanned
-        self._reader = self._open_reader(records)
+        self.version, self.alignment, self.data_start, records, self._kv = scanned
+        self._bytes = np.frombuffer(self._buf, dtype=np.uint8)
         self._infos = {}
         for rec in records:
             name, qtype, stored, offset, nbytes = rec[:5]
@@ -298,29 +325,8 @@ class GGUFFile:
                                                nbytes)
         self.architecture = self._architecture()
 
-    def _open_reader(self, records):
-        from gguf import GGUFReader
-
-        try:
-            # mode "c": a private mapping, so tensors are writable without touching the file
-            # (ComfyUI and torch warn about, or refuse, read-only arrays).
-            reader = GGUFReader(self.path, "c")
-        except Exception as e:  # noqa: BLE001 - gguf raises ValueError/IndexError/KeyError/...
-            raise GGUFError(self.path, f"the gguf package cannot parse it "
-                            f"({type(e).__name__}: {e})", _CORRUPT) from e
-        if getattr(reader, "byte_order", "I") != "I":
-            raise GGUFError(self.path, "this GGUF file is big-endian",
-                            "Only little-endian GGUF files are supported")
-        got = [(t.name, int(t.data_offset)) for t in reader.tensors]
-        want = [(r[0], r[3]) for r in records]
-        if got != want:
-            raise GGUFError(self.path, "the gguf package and the header check disagree about "
-                            "the tensors (corrupt header?)", _CORRUPT)
-        self._tensors = {t.name: t for t in reader.tensors}
-        return reader
-
     def _architecture(self):
-        if "general.architecture" not in self._kv_types:
+        if "general.architecture" not in self._kv:
             return None
         arch = self.field("general.architecture")
         if not isinstance(arch, str):
@@ -330,21 +336,14 @@ class GGUFFile:
 
     # -- metadata --------------------------------------------------------------------------
     def fields(self):
-        return list(self._kv_types)
+        return list(self._kv)
 
     def field(self, key, default=None):
         """A metadata value: int/float/bool/str, or a list for arrays (flattened)."""
-        f = self._reader.get_field(key)
-        if f is None:
+        if key not in self._kv:
             return default
-        vals = []
-        for idx in f.data:
-            part = f.parts[idx]
-            if f.types and f.types[-1] == 8:   # strings (or arrays of them)
-                vals.append(bytes(part).decode("utf-8", errors="replace"))
-            else:
-                vals.append(part[0].item() if len(part) else None)
-        return vals if f.types and f.types[0] == _ARRAY else (vals[0] if vals else None)
+        vtype, pos = self._kv[key]
+        return _decode(self._buf, self._bytes, vtype, pos)[0]
 
     # -- tensors ---------------------------------------------------------------------------
     def keys(self):
@@ -371,12 +370,7 @@ class GGUFFile:
         info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
-        t = torch.from_numpy(self._tensors[name].data)
-        if t.dtype != torch.uint8:
-            t = t.reshape(-1).view(torch.uint8)
-        if t.numel() != info.nbytes:
-            raise GGUFError(self.path, f"data is {t.numel()} bytes, expected {info.nbytes}",
-                            _CORRUPT, tensor=name)
+        t = torch.from_numpy(self._bytes[info.offset: info.offset + info.nbytes])
         return t.reshape(info.stored_shape[:-1] + (-1,))
 
     def tensor(self, name):

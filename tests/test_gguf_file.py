@@ -300,7 +300,7 @@ def test_tensors_are_zero_copy_views_with_logical_shapes(tmp_path):
     assert info["conv.weight"] == (QT.Q8_0, torch.Size([32, 16, 3, 3]))
     assert gf.info("conv.weight").stored_shape == (18, 256)
     for name in sd:   # views of the file mapping, not copies
-        assert sd[name].data_ptr() == gf._tensors[name].data.ctypes.data
+        assert sd[name].data_ptr() == gf._bytes.ctypes.data + gf.info(name).offset
     ref = reference_state_dict(path)
     assert torch.equal(sd["c.weight"].float(), ref["c.weight"])
     w = gguf_state_dict(gf)
@@ -492,14 +492,43 @@ def test_missing_file_and_directory(tmp_path):
     expect_error(tmp_path / "empty.gguf", "empty")
 
 
-def test_reader_exceptions_become_gguf_errors(good, monkeypatch):
+def test_metadata_values_match_gguf_readers(tmp_path):
+    """Every GGUF value type, scalars and arrays (nested too), decoded as gguf-py's reader
+    decodes them: its fields flattened, strings as str."""
     import gguf
+    from gguf import GGUFValueType as VT
 
-    def broken(*a, **k):
-        raise IndexError("index 5 is out of bounds")
+    path = tmp_path / "kv.gguf"
+    w = gguf.GGUFWriter(str(path), "flux")
+    scalars = {"u8": (7, VT.UINT8), "i8": (-7, VT.INT8), "u16": (65535, VT.UINT16),
+               "i16": (-300, VT.INT16), "u32": (4000000000, VT.UINT32), "i32": (-5, VT.INT32),
+               "u64": (2**60, VT.UINT64), "i64": (-(2**60), VT.INT64), "f32": (1.5, VT.FLOAT32),
+               "f64": (2.25, VT.FLOAT64), "bool": (True, VT.BOOL), "str": ("héllo ▁wörld", VT.STRING)}
+    for k, (v, t) in scalars.items():
+        w.add_key_value(f"t.{k}", v, t)
+    w.add_key_value("t.a_i32", [1, -2, 3], VT.ARRAY, VT.INT32)
+    w.add_key_value("t.a_f32", [0.5, -1.25], VT.ARRAY, VT.FLOAT32)
+    w.add_key_value("t.a_u8", list(range(256)), VT.ARRAY, VT.UINT8)
+    w.add_key_value("t.a_bool", [True, False, True], VT.ARRAY, VT.BOOL)
+    w.add_key_value("t.a_str", ["a", "", "▁b", "東京"], VT.ARRAY, VT.STRING)
+    w.add_key_value("t.a_nested", [[1, 2], [3]], VT.ARRAY, VT.ARRAY)
+    w.add_tensor("x", np.zeros((2, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
-    monkeypatch.setattr(gguf, "GGUFReader", broken)
-    expect_error(good, "IndexError")
+    gf = GGUFFile(path)
+    r = gguf.GGUFReader(str(path))
+    for f in r.fields.values():
+        if not f.name.startswith("t."):
+            continue
+        vals = [bytes(f.parts[i]).decode() if f.types[-1] == VT.STRING else f.parts[i][0].item()
+                for i in f.data]
+        want = vals if f.types[0] == VT.ARRAY else vals[0]
+        got = gf.field(f.name)
+        assert got == want and type(got) is type(want), (f.name, got, want)
+    assert gf.field("t.a_nested") == [1, 2, 3]
 
 
 def test_file_changed_is_detected(good):
