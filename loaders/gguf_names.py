@@ -30,12 +30,17 @@ def t5_name(name):
     only runs the encoder); unknown names are returned unchanged."""
     if name.startswith("dec.") or name.startswith("output."):
         return None
-    m = _T5_BLK.match(name)
-    if m and m.group(2) in _T5_BLOCK:
-        return f"encoder.block.{m.group(1)}.{_T5_BLOCK[m.group(2)]}.{m.group(3)}"
+    return _renamed(name, _T5_BLK, _T5_BLOCK, "encoder.block", _T5_TOP)
+
+
+def _renamed(name, block_re, parts, blocks, top):
+    """``<blocks>.N.<part path>`` for a block tensor, the mapped name for a top-level one."""
+    m = block_re.match(name)
+    if m and m.group(2) in parts:
+        return f"{blocks}.{m.group(1)}.{parts[m.group(2)]}.{m.group(3)}"
     stem, dot, suffix = name.rpartition(".")
-    if stem in _T5_TOP:
-        return f"{_T5_TOP[stem]}{dot}{suffix}"
+    if stem in top:
+        return f"{top[stem]}{dot}{suffix}"
     return name
 
 
@@ -76,14 +81,8 @@ def llm_name(arch, name):
     encoders do not have; unknown names are returned unchanged."""
     if name in _LLM_DROPPED or name.startswith(("v.", "mm.")):
         return None
-    m = _LLM_BLK.match(name)
-    block = _GEMMA_BLOCK if arch in GEMMA_ARCHS else _LLM_BLOCK
-    if m and m.group(2) in block:
-        return f"model.layers.{m.group(1)}.{block[m.group(2)]}.{m.group(3)}"
-    stem, dot, suffix = name.rpartition(".")
-    if stem in _LLM_TOP:
-        return f"{_LLM_TOP[stem]}{dot}{suffix}"
-    return name
+    parts = _GEMMA_BLOCK if arch in GEMMA_ARCHS else _LLM_BLOCK
+    return _renamed(name, _LLM_BLK, parts, "model.layers", _LLM_TOP)
 
 
 def text_encoder_names(arch, names):

@@ -20,20 +20,12 @@ Prints one JSON line: {case: max |difference|, ...; "<case>_scale": max |output|
 import json
 import os
 import sys
-import types
 
 COMFY, WORK = sys.argv[1:3]
 TOKENIZERS = sys.argv[3] if len(sys.argv) > 3 else None
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, COMFY)
-sys.path.insert(0, HERE)
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options  # noqa: E402
+from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
 
-comfy.options.enable_args_parsing()
-pkg = types.ModuleType("vbar_loaders")
-pkg.__path__ = [os.path.dirname(HERE)]
-sys.modules["vbar_loaders"] = pkg
+boot(COMFY)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -10,19 +10,11 @@ with llama.cpp's names and a small config, passed to both sides as ``t5xxl_model
 import json
 import os
 import sys
-import types
 
 COMFY, WORK, CLIP_L = sys.argv[1:4]
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, COMFY)
-sys.path.insert(0, HERE)
-sys.argv = [sys.argv[0], "--cpu"]
-import comfy.options  # noqa: E402
+from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
 
-comfy.options.enable_args_parsing()
-pkg = types.ModuleType("vbar_loaders")
-pkg.__path__ = [os.path.dirname(HERE)]
-sys.modules["vbar_loaders"] = pkg
+boot(COMFY)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

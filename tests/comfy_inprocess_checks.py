@@ -2,17 +2,11 @@
 VBAR models. Prints one 'CHECK name ok' line per check; any failure raises."""
 import os
 import sys
-import types
 
 comfy_dir, repo = sys.argv[1], sys.argv[2]
-sys.path.insert(0, comfy_dir)
-sys.argv = ["main.py", "--cpu"]
-import comfy.options  # noqa: E402
+from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
 
-comfy.options.enable_args_parsing()
-pkg = types.ModuleType("vbar_loaders")
-pkg.__path__ = [repo]
-sys.modules["vbar_loaders"] = pkg
+boot(comfy_dir)
 
 import comfy.model_management as mm  # noqa: E402
 import comfy.sample  # noqa: E402
