@@ -60,6 +60,9 @@ def diff(a, b):
 
 
 def qwen_image(out):
+    if not hasattr(comfy.sd.CLIPType, "QWEN_IMAGE"):   # ComfyUI before Qwen-Image (Aug 2025)
+        out["qwen_image"] = None
+        return
     path = os.path.join(WORK, "qwen25vl_q8.gguf")
     hf = llm_config_sd(QWEN, np.random.default_rng(0), qkv_bias=True)
     ref = write_llm_gguf(path, hf, "qwen2vl", QT.Q8_0, QWEN["heads"], QWEN["kv_heads"])

@@ -243,8 +243,11 @@ def test_llm_text_encoders_in_process(models, tmp_path):
                         str(tok_dir)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["qwen_image_tokens"] > 10        # ComfyUI's Qwen template and tokenizer ran
-    for case in ("qwen_image", "llama", "gemma2"):
+    cases = ["llama", "gemma2"]
+    if out["qwen_image"] is not None:           # None: this ComfyUI predates Qwen-Image
+        assert out["qwen_image_tokens"] > 10    # ComfyUI's Qwen template and tokenizer ran
+        cases.append("qwen_image")
+    for case in cases:
         assert out[f"{case}_scale"] > 0.1, out
         assert out[case] == 0.0, out
     for name in ("umt5", "gemma"):              # the file's vocabulary, rebuilt, in ComfyUI's tokenizers
