@@ -144,6 +144,7 @@ def text_encoder_state_dict(gf):
 
 
 UMT5_VOCAB = 256384
+VISION_LLM_ARCHS = ("qwen2vl", "qwen3vl")
 
 
 def _tokenizer_comes_from_file(arch, sd):
@@ -203,12 +204,14 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
 
     if isinstance(clip_type, str):
         clip_type = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
-    sds, checks = [], []
+    sds, checks, no_vision = [], [], []
     for p in paths:
         if str(p).lower().endswith(GGUF_EXT):
             gf = GGUFFile(p)
             checks.append(gf.check_unchanged)
             sds.append(text_encoder_state_dict(gf))
+            if gf.architecture in VISION_LLM_ARCHS and not any(k.startswith("visual.") for k in sds[-1]):
+                no_vision.append(str(p))
         else:
             sd, _, check = open_checked(p)
             _check_supported(sd, p)
@@ -226,4 +229,21 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     name = "+".join(os.path.basename(str(p)) for p in paths)
     wrap_clip(clip, name, source_check=_check_all(checks))
     dequantize_unmanaged(model)
+    if no_vision:
+        _refuse_images(model, no_vision[0])
     return clip
+
+
+def _refuse_images(model, path):
+    """A vision-language encoder from GGUF has no vision tower (llama.cpp puts it in a
+    separate mmproj file), so ComfyUI's would run on uninitialised weights when a node passes
+    images (e.g. Qwen-Image-Edit). Fail loudly instead of encoding garbage."""
+    def forward(*args, **kwargs):
+        raise GGUFError(path, "image inputs need the vision tower, which this GGUF text encoder "
+                        "does not contain (llama.cpp stores it in a separate mmproj file)",
+                        "For image editing, load the safetensors version of this text encoder; "
+                        "text-only prompts work with this file")
+
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] == "visual":
+            m.forward = forward

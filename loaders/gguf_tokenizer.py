@@ -44,7 +44,8 @@ def _float(field, x):
 
 
 def has_sentencepiece(gf):
-    return gf.field(_KEY + "model") in _MODEL_TYPES and gf.field(_KEY + "tokens") is not None
+    # fields() lists keys without decoding: the vocabulary is a quarter million strings
+    return gf.field(_KEY + "model") in _MODEL_TYPES and _KEY + "tokens" in gf.fields()
 
 
 def sentencepiece_model(gf):

@@ -75,6 +75,13 @@ def qwen_image(out):
     out["qwen_image"] = diff(want, got)
     out["qwen_image_scale"] = want.abs().max().item()
     out["qwen_image_tokens"] = int(want.shape[1])
+    # An edit prompt with an image: the file has no vision tower, so this must fail clearly
+    image = torch.rand(1, 64, 64, 3)
+    try:
+        clip.encode_from_tokens(clip.tokenize(PROMPT, images=[image]))
+        out["qwen_image_with_image"] = "encoded"
+    except Exception as e:   # noqa: BLE001 - reported, the test checks it
+        out["qwen_image_with_image"] = f"{type(e).__name__}: {e}"
     mm.unload_all_models()
 
 

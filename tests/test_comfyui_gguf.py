@@ -247,6 +247,9 @@ def test_llm_text_encoders_in_process(models, tmp_path):
     if out["qwen_image"] is not None:           # None: this ComfyUI predates Qwen-Image
         assert out["qwen_image_tokens"] > 10    # ComfyUI's Qwen template and tokenizer ran
         cases.append("qwen_image")
+        # with an image (Qwen-Image-Edit) the missing vision tower is named, not run on garbage
+        err = out["qwen_image_with_image"]
+        assert err.startswith("GGUFError") and "mmproj" in err and "qwen25vl_q8.gguf" in err, err
     for case in cases:
         assert out[f"{case}_scale"] > 0.1, out
         assert out[case] == 0.0, out
