@@ -329,13 +329,7 @@ class VBARGGUFCLIPLoader:
     CATEGORY = CATEGORY
 
     def load(self, clip_name, type="stable_diffusion", device="default"):
-        import folder_paths
-
-        from .loaders.comfy_gguf import load_text_encoders
-
-        return (load_text_encoders([_path("text_encoders", clip_name)], type,
-                                   folder_paths.get_folder_paths("embeddings"),
-                                   _clip_options(device)),)
+        return _load_clip([clip_name], type, device)
 
 
 class VBARGGUFDualCLIPLoader:
@@ -354,13 +348,57 @@ class VBARGGUFDualCLIPLoader:
     CATEGORY = CATEGORY
 
     def load(self, clip_name1, clip_name2, type, device="default"):
-        import folder_paths
+        return _load_clip([clip_name1, clip_name2], type, device)
 
-        from .loaders.comfy_gguf import load_text_encoders
 
-        paths = [_path("text_encoders", clip_name1), _path("text_encoders", clip_name2)]
-        return (load_text_encoders(paths, type, folder_paths.get_folder_paths("embeddings"),
-                                   _clip_options(device)),)
+def _several_clips(n):
+    files = _clip_files()
+    return {"required": {f"clip_name{i}": (files,) for i in range(1, n + 1)},
+            "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+
+class VBARGGUFTripleCLIPLoader:
+    DESCRIPTION = ("Loads three text encoders (SD3 / SD3.5: CLIP-L, CLIP-G, T5-XXL), each a .gguf "
+                   "or a .safetensors file; ComfyUI picks the model type from the three, as its "
+                   "TripleCLIPLoader does.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _several_clips(3)
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, clip_name1, clip_name2, clip_name3, device="default"):
+        return _load_clip([clip_name1, clip_name2, clip_name3], "stable_diffusion", device)
+
+
+class VBARGGUFQuadrupleCLIPLoader:
+    DESCRIPTION = ("Loads four text encoders (HiDream: CLIP-L, CLIP-G, T5-XXL, Llama 3.1 8B), each "
+                   "a .gguf or a .safetensors file, as ComfyUI's QuadrupleCLIPLoader does.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return _several_clips(4)
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, clip_name1, clip_name2, clip_name3, clip_name4, device="default"):
+        return _load_clip([clip_name1, clip_name2, clip_name3, clip_name4], "stable_diffusion",
+                          device)
+
+
+def _load_clip(names, type, device):
+    import folder_paths
+
+    from .loaders.comfy_gguf import load_text_encoders
+
+    paths = [_path("text_encoders", n) for n in names]
+    return (load_text_encoders(paths, type, folder_paths.get_folder_paths("embeddings"),
+                               _clip_options(device)),)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -373,6 +411,8 @@ NODE_CLASS_MAPPINGS = {
     "VBARGGUFDiffusionModelLoader": VBARGGUFDiffusionModelLoader,
     "VBARGGUFCLIPLoader": VBARGGUFCLIPLoader,
     "VBARGGUFDualCLIPLoader": VBARGGUFDualCLIPLoader,
+    "VBARGGUFTripleCLIPLoader": VBARGGUFTripleCLIPLoader,
+    "VBARGGUFQuadrupleCLIPLoader": VBARGGUFQuadrupleCLIPLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -385,4 +425,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VBARGGUFDiffusionModelLoader": "VBAR GGUF Diffusion Model Loader",
     "VBARGGUFCLIPLoader": "VBAR GGUF CLIP Loader",
     "VBARGGUFDualCLIPLoader": "VBAR GGUF Dual CLIP Loader",
+    "VBARGGUFTripleCLIPLoader": "VBAR GGUF Triple CLIP Loader",
+    "VBARGGUFQuadrupleCLIPLoader": "VBAR GGUF Quadruple CLIP Loader",
 }

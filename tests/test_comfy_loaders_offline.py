@@ -47,3 +47,31 @@ def test_low_vram_patch_for_old_and_new_comfyui():
                           None, "w", patches)
     assert old.args == ("w", patches)
     assert new.args == ("w", patches, "convert", "set")
+
+
+def test_triple_and_quadruple_clip_loaders_pass_their_files_in_order(monkeypatch):
+    """The wiring of the 3- and 4-encoder nodes (their loading is the dual loader's, tested in
+    real ComfyUI; no tiny CLIP-G exists to run SD3/HiDream encoders end to end)."""
+    import sys
+    import types
+
+    import torch
+
+    import vbar_loaders.loaders.comfy_gguf as cg
+    from vbar_loaders import nodes
+
+    fake = types.SimpleNamespace(get_full_path_or_raise=lambda folder, name: f"/m/{folder}/{name}",
+                                 get_folder_paths=lambda folder: ["/m/embeddings"])
+    monkeypatch.setitem(sys.modules, "folder_paths", fake)
+    calls = []
+    monkeypatch.setattr(cg, "load_text_encoders", lambda *a: calls.append(a) or "CLIP")
+    triple = nodes.NODE_CLASS_MAPPINGS["VBARGGUFTripleCLIPLoader"]()
+    assert triple.load("l.gguf", "g.safetensors", "t5.gguf") == ("CLIP",)
+    assert calls[-1] == (["/m/text_encoders/l.gguf", "/m/text_encoders/g.safetensors",
+                          "/m/text_encoders/t5.gguf"], "stable_diffusion", ["/m/embeddings"], {})
+    quad = nodes.NODE_CLASS_MAPPINGS["VBARGGUFQuadrupleCLIPLoader"]()
+    assert quad.load("l", "g", "t5", "llama.gguf", device="cpu") == ("CLIP",)
+    paths, kind, _, options = calls[-1]
+    assert paths[-1] == "/m/text_encoders/llama.gguf" and len(paths) == 4 and kind == "stable_diffusion"
+    assert options == {"load_device": torch.device("cpu"), "offload_device": torch.device("cpu")}
+    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["VBARGGUFQuadrupleCLIPLoader"] == "VBAR GGUF Quadruple CLIP Loader"

@@ -116,6 +116,10 @@ def test_nodes_list_only_gguf_files(server):
     assert not any(n.endswith(".gguf") for n in stock_unets)
     dual = info["VBARGGUFDualCLIPLoader"]["input"]["required"]["type"][0]
     assert "flux" in dual and "sdxl" in dual
+    for node, n in (("VBARGGUFTripleCLIPLoader", 3), ("VBARGGUFQuadrupleCLIPLoader", 4)):
+        required = info[node]["input"]["required"]
+        assert sorted(required) == [f"clip_name{i}" for i in range(1, n + 1)]
+        assert all(required[k][0] == clips for k in required)
 
 
 def test_flux_q8_0_matches_stock_plain_and_streamed(server):
