@@ -437,7 +437,13 @@ def gguf_base_model():
            ("flux.f32", VT["FLOAT32"], 1.5), ("flux.bool", VT["BOOL"], True),
            ("flux.u64", VT["UINT64"], 2**40), ("flux.i64", VT["INT64"], -5),
            ("flux.f64", VT["FLOAT64"], 2.5),
+           # A sentencepiece vocabulary: the tokenizer rebuild reads all of these.
+           ("tokenizer.ggml.model", VT["STRING"], "llama"),
            ("tokenizer.ggml.tokens", VT["ARRAY"], (VT["STRING"], ["<s>", "a", "bc", "ü"])),
+           ("tokenizer.ggml.scores", VT["ARRAY"], (VT["FLOAT32"], [0.0, -1.0, -2.0, -3.0])),
+           ("tokenizer.ggml.token_type", VT["ARRAY"], (VT["INT32"], [3, 1, 1, 1])),
+           ("tokenizer.ggml.bos_token_id", VT["UINT32"], 0),
+           ("tokenizer.ggml.add_space_prefix", VT["BOOL"], False),
            ("flux.layers", VT["ARRAY"], (VT["INT32"], [1, 2, 3])),
            ("flux.empty", VT["ARRAY"], (VT["UINT8"], [])),
            ("flux.nested", VT["ARRAY"], (VT["ARRAY"], [(VT["UINT8"], [1, 2]), (VT["UINT8"], [3])]))]
@@ -624,6 +630,12 @@ def gguf_open(path):
     gf = gguf_file.GGUFFile(path)
     for key in gf.fields():
         gf.field(key)
+    try:
+        from vbar_loaders.loaders import gguf_tokenizer
+    except ImportError:
+        gguf_tokenizer = None
+    if gguf_tokenizer is not None and gguf_tokenizer.has_sentencepiece(gf):
+        gguf_tokenizer.sentencepiece_model(gf)
     out = {}
     for name in gf.keys():
         info = gf.info(name)

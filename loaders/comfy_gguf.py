@@ -172,6 +172,10 @@ def _undo_llama_cpp_edits(gf, arch, sd):
                             "The Q/K weights cannot be put back in order without it; convert "
                             "the model again with llama.cpp's convert_hf_to_gguf.py")
         kv = gf.field("llama.attention.head_count_kv", heads)
+        if not isinstance(kv, int) or kv <= 0:
+            raise GGUFError(gf.path, f"metadata llama.attention.head_count_kv is {kv!r}",
+                            "The K weights cannot be put back in order without it; convert "
+                            "the model again with llama.cpp's convert_hf_to_gguf.py")
         for key in list(sd):
             part = key.rsplit(".", 2)[-2:]
             n = {"q_proj": heads, "k_proj": kv}.get(part[0]) if len(part) == 2 else None

@@ -45,13 +45,24 @@ def _float(field, x):
 
 def has_sentencepiece(gf):
     # fields() lists keys without decoding: the vocabulary is a quarter million strings
-    return gf.field(_KEY + "model") in _MODEL_TYPES and _KEY + "tokens" in gf.fields()
+    model = gf.field(_KEY + "model")
+    return isinstance(model, str) and model in _MODEL_TYPES and _KEY + "tokens" in gf.fields()
+
+
+def _flag(gf, name, default):
+    v = gf.field(_KEY + name)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise GGUFError(gf.path, f"metadata {_KEY}{name} is {v!r}, not a boolean",
+                        "The tokenizer metadata is corrupt; convert the model again")
+    return v
 
 
 def sentencepiece_model(gf):
     """Serialized sentencepiece ModelProto (bytes) for the GGUF file ``gf``."""
     model = gf.field(_KEY + "model")
-    if model not in _MODEL_TYPES:
+    if not isinstance(model, str) or model not in _MODEL_TYPES:
         raise GGUFError(gf.path, f"its tokenizer ({_KEY}model = {model!r}) is not a sentencepiece "
                         f"one ({' or '.join(_MODEL_TYPES)}), which this encoder needs",
                         "Use the safetensors version of this text encoder, or a GGUF converted "
@@ -90,11 +101,13 @@ def sentencepiece_model(gf):
                + _int(35, any(t == _BYTE for t in types))
                + _int(40, special("unknown_token_id", 0)) + _int(41, special("bos_token_id", -1))
                + _int(42, special("eos_token_id", -1)) + _int(43, special("padding_token_id", -1)))
-    charsmap = gf.field(_KEY + "precompiled_charsmap")
-    charsmap = bytes(v & 0xFF for v in charsmap) if isinstance(charsmap, list) else b""
-    add_prefix = gf.field(_KEY + "add_space_prefix")
-    strip_ws = gf.field(_KEY + "remove_extra_whitespaces")
+    charsmap = gf.field(_KEY + "precompiled_charsmap", [])
+    if not isinstance(charsmap, list) or not all(isinstance(v, int) for v in charsmap):
+        raise GGUFError(gf.path, f"metadata {_KEY}precompiled_charsmap is not a byte array",
+                        "The tokenizer metadata is corrupt; convert the model again")
+    charsmap = bytes(v & 0xFF for v in charsmap)
+    # Defaults as llama.cpp reads these files: a dummy prefix, whitespace kept as it is.
     normalizer = (_bytes(1, b"nmt_nfkc" if charsmap else b"identity") + _bytes(2, charsmap)
-                  + _int(3, True if add_prefix is None else bool(add_prefix))
-                  + _int(4, False if strip_ws is None else bool(strip_ws)) + _int(5, True))
+                  + _int(3, _flag(gf, "add_space_prefix", True))
+                  + _int(4, _flag(gf, "remove_extra_whitespaces", False)) + _int(5, True))
     return bytes(pieces) + _bytes(2, trainer) + _bytes(3, normalizer)

@@ -94,6 +94,14 @@ def test_llama_without_head_count_is_refused(tmp_path):
     assert "no_heads.gguf" in str(e.value)
 
 
+def test_non_integer_kv_head_count_is_refused(tmp_path):
+    path = tmp_path / "kv_heads.gguf"
+    write_gguf(path, {"blk.0.attn_k.weight": (np.ones((64, 32), np.float32), QT.Q8_0)}, arch="llama",
+               kv={"llama.attention.head_count": 8, "llama.attention.head_count_kv": "two"})
+    with pytest.raises(GGUFError, match="head_count_kv is 'two'"):
+        text_encoder_state_dict(GGUFFile(path))
+
+
 def test_head_count_that_does_not_fit_the_rows_is_refused(tmp_path):
     path = tmp_path / "bad_heads.gguf"
     write_gguf(path, {"blk.0.attn_k.weight": (np.ones((96, 32), np.float32), QT.Q8_0)}, arch="llama",

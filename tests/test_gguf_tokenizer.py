@@ -77,7 +77,11 @@ def test_non_sentencepiece_and_missing_vocabularies_are_named(tmp_path):
     ({"tokenizer.ggml.scores": ["x", "y", "z"]}, "scores[0] = 'x'"),
     ({"tokenizer.ggml.token_type": [1, 9, 1]}, "token_type[1] = 9"),
     ({"tokenizer.ggml.scores": [0.0]}, "3 tokens but 1 scores"),
-], ids=["int-tokens", "str-scores", "type-9", "short-scores"])
+    ({"tokenizer.ggml.add_space_prefix": 1}, "add_space_prefix is 1, not a boolean"),
+    ({"tokenizer.ggml.precompiled_charsmap": "abc"}, "precompiled_charsmap is not a byte array"),
+    ({"tokenizer.ggml.model": ["llama"]}, "['llama']"),     # found by the fuzzer: was a TypeError
+], ids=["int-tokens", "str-scores", "type-9", "short-scores", "int-flag", "str-charsmap",
+        "list-model"])
 def test_corrupt_vocabulary_is_named(tmp_path, kv, problem):
     import numpy as np
     from gguf import GGMLQuantizationType as QT
