@@ -15,8 +15,8 @@ Why the code is shaped this way (measured on CPU, where eager torch is weakest):
   float32 internally). On CPU each chunk is widened to float32, scaled in place and ends
   with one float32 -> output dtype copy: a CPU op whose operands or output differ in dtype
   makes temporary copies (measured: int8 * float32 -> bf16 in one call is 7x slower).
-  Elsewhere (CUDA, XPU, MPS) elementwise kernels convert in registers, so the widening and
-  the final copy fold into the scaling ops: Q8_0 becomes one kernel from the raw blocks.
+  On CUDA, elementwise kernels convert in registers, so the widening and the final copy
+  fold into the scaling ops: Q8_0 becomes one kernel from the raw blocks.
 * On CPU the quants are processed in chunks that stay in L2 (each of torch's intra-op
   threads gets a cache-sized share of every op); elsewhere chunks are large and only bound the
   scratch memory. Splitting a tensor between Python worker threads instead was measured
@@ -394,8 +394,10 @@ def dequantize_into(out, raw, qtype):
 
 
 def _fuses(device):
-    """Whether mixed-dtype elementwise ops convert in-kernel on ``device`` (see the top)."""
-    return device.type != "cpu"
+    """Whether to use mixed-dtype elementwise ops on ``device`` (see the top): on CUDA (and
+    ROCm, which presents as cuda), whose kernels convert in registers. Other accelerators
+    (MPS, XPU) keep the plain-dtype sequence they ran before, untested as they are here."""
+    return device.type == "cuda"
 
 
 def _finish(q, scale, bias, dst, buf, fused):
