@@ -8,6 +8,8 @@ them without copying. Imports ComfyUI only inside functions.
 import logging
 import os
 
+import torch
+
 from .comfy_pins import follow_pins
 from .errors import GGUFError
 from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
@@ -42,8 +44,6 @@ def _plain_embeddings(model):
     ComfyUI reads them directly (a text encoder runs on its token table's device; CLIP adds its
     position table itself), and the token tables stay out of the VBAR. A stock load stores them
     in the layer's dtype, so an F32 table from a file is converted too, to compute the same."""
-    import torch
-
     from .gguf_weights import GGUFWeight
 
     for m in model.modules():
@@ -112,7 +112,9 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
 
 
 def text_encoder_state_dict(gf):
-    """State dict of a text-encoder .gguf under ComfyUI's names (llama.cpp T5 names mapped)."""
+    """State dict of a text-encoder .gguf under ComfyUI's names: llama.cpp's T5 and LLM names
+    mapped, its value edits undone, and the tokenizer included where ComfyUI reads it from the
+    weights file."""
     arch = gf.architecture
     if arch is not None and arch in IMAGE_ARCHS:
         raise GGUFError(gf.path, f"this is a diffusion model (architecture '{arch}'), not a text "
@@ -131,7 +133,6 @@ def text_encoder_state_dict(gf):
                             "this GGUF has no sentencepiece vocabulary in its metadata",
                             "Use a GGUF converted with llama.cpp's convert_hf_to_gguf.py (it keeps "
                             "the vocabulary), or the safetensors version")
-        import torch
         sd["spiece_model"] = torch.frombuffer(bytearray(sentencepiece_model(gf)), dtype=torch.uint8)
     if any(".resblocks." in k for k in sd) or "text_projection" in sd:
         # OpenCLIP layout: ComfyUI slices in_proj and transposes text_projection while
