@@ -388,8 +388,7 @@ def dequantize_into(out, raw, qtype):
         return out
     if out.numel() == 0:
         return out
-    threads = torch.get_num_threads() if out.device.type == "cpu" else 1
-    _run(qt, raw, out, 0, raw.numel() // QTYPE_BLOCK[qt][1], threads)
+    _run(qt, raw, out)
     return out
 
 
@@ -409,7 +408,7 @@ def _finish(q, scale, bias, dst, buf, fused):
         x = torch.mul(q, scale, out=buf("f", q.numel(), F32).view(q.shape))
         return torch.add(x, bias, out=out)
     x = out if out.dtype == F32 else buf("f", q.numel(), F32).view(q.shape)
-    if q.dtype != F32 or x.data_ptr() != q.data_ptr():
+    if x.data_ptr() != q.data_ptr():   # Q4_K/IQ4 bodies already wrote float32 quants there
         x.copy_(q)
     x.mul_(scale)
     if bias is not None:
@@ -417,18 +416,19 @@ def _finish(q, scale, bias, dst, buf, fused):
     return out if x is out else out.copy_(x)
 
 
-def _run(qt, raw, out, start, stop, threads):
-    """Dequantize blocks [start, stop): headers per super-chunk, quants per chunk."""
+def _run(qt, raw, out):
+    """Dequantize every block: headers per super-chunk, quants per chunk."""
     bs, ts = QTYPE_BLOCK[qt]
     prep, body = _KERNELS[qt]
     blocks, dst = raw.view(-1, ts), out.view(-1, bs)
+    stop = blocks.shape[0]
     cpu = out.device.type == "cpu"
-    # Each intra-op thread gets a cache-sized share of a chunk.
-    ch = (_CPU_CHUNK * threads if cpu else _DEV_CHUNK) // bs
-    ch = min(max(4, ch - ch % 4), stop - start)  # multiples of 4 blocks stay int32-aligned
+    # On CPU each of torch's intra-op threads gets a cache-sized share of a chunk.
+    ch = (_CPU_CHUNK * torch.get_num_threads() if cpu else _DEV_CHUNK) // bs
+    ch = min(max(4, ch - ch % 4), stop)  # multiples of 4 blocks stay int32-aligned
     sup = ch * (_PREP_CHUNKS if cpu else 1)
     buf, fused = _Scratch(out.device), _fuses(out.device)
-    for s0 in range(start, stop, sup):
+    for s0 in range(0, stop, sup):
         pre = prep(blocks[s0: min(stop, s0 + sup)])
         for s in range(s0, min(stop, s0 + sup), ch):
             e = min(stop, s + ch)
