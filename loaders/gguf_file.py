@@ -114,8 +114,9 @@ class _Scanner:
         except UnicodeDecodeError:
             self.fail(f"{what} at byte {start} is not valid UTF-8")
 
-    def value(self, vtype, key, depth=0):
-        """Skip (or, for short values, return) one metadata value of type ``vtype``."""
+    def value(self, vtype, key, depth=0, collect=False):
+        """Skip (or, for short values, return) one metadata value of type ``vtype``; with
+        ``collect``, return it, arrays as flat lists (scalar arrays in one numpy conversion)."""
         if vtype in _SCALARS:
             fmt, n = _SCALARS[vtype]
             return self.unpack(fmt, n, f"value of '{key}'")
@@ -132,6 +133,9 @@ class _Scanner:
                     self.fail(f"metadata array '{key}' claims {count} elements, more than the "
                               f"rest of the file can hold")
                 start = self.take(count * n, f"array '{key}'")
+                if collect:
+                    dtype = np.dtype(_SCALARS[itype][0])
+                    return np.frombuffer(self.buf, dtype, count, start).tolist()
                 if key.startswith(ORIG_SHAPE_PREFIX) and itype in _INT_TYPES and count <= 8:
                     fmt = "<" + _SCALARS[itype][0][1] * count
                     return ("ints", struct.unpack_from(fmt, self.buf, start))
@@ -146,32 +150,13 @@ class _Scanner:
                 # Walking them costs Python time per item: bound it so a crafted file cannot
                 # stall the loader for minutes.
                 self.fail(f"metadata holds more than {MAX_META_ITEMS} array elements")
+            vals = [] if collect else None
             for _ in range(count):
-                self.value(itype, key, depth + 1)
-            return None
+                v = self.value(itype, key, depth + 1, collect)
+                if collect:
+                    vals.extend(v) if itype == _ARRAY else vals.append(v)
+            return vals
         self.fail(f"metadata '{key}' has unknown value type {vtype}")
-
-
-def _decode(buf, arr, vtype, pos):
-    """(value, end offset) of the already validated metadata value at ``pos``; arrays come
-    back as flat lists (scalar arrays in one numpy conversion)."""
-    if vtype in _SCALARS:
-        fmt, n = _SCALARS[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + n
-    if vtype == _STRING:
-        n = struct.unpack_from("<Q", buf, pos)[0]
-        return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
-    itype, count = struct.unpack_from("<IQ", buf, pos)
-    pos += 12
-    if itype in _SCALARS:
-        fmt, n = _SCALARS[itype]
-        vals = arr[pos: pos + count * n].view(np.dtype(fmt)).tolist()
-        return vals, pos + count * n
-    out = []
-    for _ in range(count):
-        v, pos = _decode(buf, arr, itype, pos)
-        out.extend(v) if itype == _ARRAY else out.append(v)
-    return out, pos
 
 
 def _scan(path, buf, size):
@@ -343,7 +328,9 @@ class GGUFFile:
         if key not in self._kv:
             return default
         vtype, pos = self._kv[key]
-        return _decode(self._buf, self._bytes, vtype, pos)[0]
+        s = _Scanner(self.path, self._buf, len(self._buf))   # the header is validated already
+        s.pos = pos
+        return s.value(vtype, key, collect=True)
 
     # -- tensors ---------------------------------------------------------------------------
     def keys(self):
