@@ -351,44 +351,36 @@ class VBARGGUFDualCLIPLoader:
         return _load_clip([clip_name1, clip_name2], type, device)
 
 
-def _several_clips(n):
-    files = _clip_files()
-    return {"required": {f"clip_name{i}": (files,) for i in range(1, n + 1)},
-            "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+class _SeveralCLIPLoader:
+    """N text-encoder files and no type: ComfyUI picks the model from the files, as its own
+    Triple/QuadrupleCLIPLoader do."""
+    COUNT = 0
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = _clip_files()
+        return {"required": {f"clip_name{i}": (files,) for i in range(1, cls.COUNT + 1)},
+                "optional": {"device": (["default", "cpu"], {"advanced": True})}}
+
+    def load(self, device="default", **clip_names):   # ComfyUI passes inputs by name
+        names = [clip_names[f"clip_name{i}"] for i in range(1, self.COUNT + 1)]
+        return _load_clip(names, "stable_diffusion", device)
 
 
-class VBARGGUFTripleCLIPLoader:
+class VBARGGUFTripleCLIPLoader(_SeveralCLIPLoader):
     DESCRIPTION = ("Loads three text encoders (SD3 / SD3.5: CLIP-L, CLIP-G, T5-XXL), each a .gguf "
                    "or a .safetensors file; ComfyUI picks the model type from the three, as its "
                    "TripleCLIPLoader does.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _several_clips(3)
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, clip_name1, clip_name2, clip_name3, device="default"):
-        return _load_clip([clip_name1, clip_name2, clip_name3], "stable_diffusion", device)
+    COUNT = 3
 
 
-class VBARGGUFQuadrupleCLIPLoader:
+class VBARGGUFQuadrupleCLIPLoader(_SeveralCLIPLoader):
     DESCRIPTION = ("Loads four text encoders (HiDream: CLIP-L, CLIP-G, T5-XXL, Llama 3.1 8B), each "
                    "a .gguf or a .safetensors file, as ComfyUI's QuadrupleCLIPLoader does.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return _several_clips(4)
-
-    RETURN_TYPES = ("CLIP",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, clip_name1, clip_name2, clip_name3, clip_name4, device="default"):
-        return _load_clip([clip_name1, clip_name2, clip_name3, clip_name4], "stable_diffusion",
-                          device)
+    COUNT = 4
 
 
 def _load_clip(names, type, device):

@@ -66,11 +66,12 @@ def test_triple_and_quadruple_clip_loaders_pass_their_files_in_order(monkeypatch
     calls = []
     monkeypatch.setattr(cg, "load_text_encoders", lambda *a: calls.append(a) or "CLIP")
     triple = nodes.NODE_CLASS_MAPPINGS["VBARGGUFTripleCLIPLoader"]()
-    assert triple.load("l.gguf", "g.safetensors", "t5.gguf") == ("CLIP",)
+    assert triple.load(clip_name1="l.gguf", clip_name2="g.safetensors", clip_name3="t5.gguf") == ("CLIP",)
     assert calls[-1] == (["/m/text_encoders/l.gguf", "/m/text_encoders/g.safetensors",
                           "/m/text_encoders/t5.gguf"], "stable_diffusion", ["/m/embeddings"], {})
     quad = nodes.NODE_CLASS_MAPPINGS["VBARGGUFQuadrupleCLIPLoader"]()
-    assert quad.load("l", "g", "t5", "llama.gguf", device="cpu") == ("CLIP",)
+    assert quad.load(clip_name1="l", clip_name2="g", clip_name3="t5", clip_name4="llama.gguf",
+                     device="cpu") == ("CLIP",)
     paths, kind, _, options = calls[-1]
     assert paths[-1] == "/m/text_encoders/llama.gguf" and len(paths) == 4 and kind == "stable_diffusion"
     assert options == {"load_device": torch.device("cpu"), "offload_device": torch.device("cpu")}
