@@ -79,9 +79,12 @@ class Pool:
             self.vbars.insert(0, vbar)
             return vbar
 
-    def _move(self, vbar, top):
+    def _move(self, vbar, top, below=None):
+        """Reorder the priority list: to the top, to the bottom, or right below ``below``."""
         self.vbars.remove(vbar)
-        if top:
+        if below is not None:
+            self.vbars.insert(self.vbars.index(below) + 1, vbar)
+        elif top:
             self.vbars.insert(0, vbar)
         else:
             self.vbars.append(vbar)

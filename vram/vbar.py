@@ -216,9 +216,7 @@ class VBAR:
             other._check_open()
             if other.pool is not self.pool:
                 raise BadCall(f"VBAR '{self.name}': '{other.name}' belongs to another pool")
-            vbars = self.pool.vbars
-            vbars.remove(self)
-            vbars.insert(vbars.index(other) + 1, self)
+            self.pool._move(self, top=False, below=other)
             self.watermark = self.npages
 
     def deprioritize(self):
