@@ -189,8 +189,10 @@ class WeightStore:
                 with self._use(h, device, dtype, patches, patch_key, ready) as w:
                     c.view.copy_(w)
                 c.valid = (r.signature, patch_key)
-            elif ready is not None and ready.fault is not None:
-                self.vbar.unpin(h.slot)   # prefetched, and not needed after all
+            elif ready is not None:       # prefetched, and not needed after all
+                if ready.fault is not None:
+                    self.vbar.unpin(h.slot)
+                self._recycle(ready)
             yield c.view
         finally:
             c.vbar.unpin(c.slot)
