@@ -75,8 +75,9 @@ def default_chunk(device):
 
 
 def _fuses(device):
-    """Whether a mixed-dtype op converts in-kernel on ``device`` (CUDA, XPU, MPS) instead of
-    through a temporary copy (CPU)."""
+    """Whether to scale and round in one float32 -> output-dtype op, as every device but the
+    CPU always did (CUDA converts in registers); a CPU op with a differing output dtype runs
+    through a temporary copy, so there scaling in place and one cast is faster."""
     return device.type != "cpu"
 
 
