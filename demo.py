@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vbar_loaders.loaders.vbar_modules import execution_order, vbarize  # noqa: E402
-from vbar_loaders.loaders.weight_store import WeightStore  # noqa: E402
+from vbar_loaders.loaders.runtime.vbar_modules import execution_order, vbarize  # noqa: E402
+from vbar_loaders.loaders.runtime.weight_store import WeightStore  # noqa: E402
 from vbar_loaders.vram import BudgetExceeded, Pool, parse_bytes  # noqa: E402
 from vbar_loaders.vram.host_backend import HostBackend  # noqa: E402
 from vbar_loaders.vram.stats import fmt_bytes  # noqa: E402

@@ -36,7 +36,7 @@ class VBARCheckpointLoader:
     def load(self, ckpt_name):
         import folder_paths
 
-        from .loaders.comfy_loaders import load_checkpoint
+        from .loaders.comfyui.loading import load_checkpoint
 
         return load_checkpoint(_path("checkpoints", ckpt_name),
                                embedding_directory=folder_paths.get_folder_paths("embeddings"))
@@ -48,7 +48,7 @@ class VBARDiffusionModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from .loaders.comfy_loaders import WEIGHT_DTYPES
+        from .loaders.comfyui.loading import WEIGHT_DTYPES
 
         return {"required": {
             "unet_name": (_files("diffusion_models"),),
@@ -62,7 +62,7 @@ class VBARDiffusionModelLoader:
     CATEGORY = CATEGORY
 
     def load(self, unet_name, weight_dtype):
-        from .loaders.comfy_loaders import load_diffusion_model
+        from .loaders.comfyui.loading import load_diffusion_model
 
         return (load_diffusion_model(_path("diffusion_models", unet_name), weight_dtype),)
 
@@ -136,7 +136,7 @@ class VBARVRAMMonitor:
 
 # --- VBAR NF4 loaders (bitsandbytes NF4/FP4, Flux block pinning) ------------------------------
 def _block_inputs(default=7, formats=("bf16", "nf4")):
-    from .loaders.flux_blocks import FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, block_size_text
+    from .loaders.runtime.blocks import FLUX_DOUBLE_BLOCKS, FLUX_SINGLE_BLOCKS, block_size_text
 
     sizes = block_size_text(formats)
     tip = ("How many of the first {kind} blocks stay resident in VRAM for the whole run (pinned "
@@ -157,7 +157,7 @@ def _validate_blocks(folder, name, double, single):
     # has is refused with the real counts instead of failing halfway through a run.
     import folder_paths
 
-    from .loaders.comfy_pins import validate_block_counts
+    from .loaders.comfyui.pins import validate_block_counts
 
     path = folder_paths.get_full_path(folder, name)
     if path is None:
@@ -188,7 +188,7 @@ class VBARNF4CheckpointLoader:
     def load(self, ckpt_name, double_blocks_cuda_size, single_blocks_cuda_size, unique_id=None):
         import folder_paths
 
-        from .loaders.nf4_comfy import load_nf4_checkpoint
+        from .loaders.comfyui.nf4 import load_nf4_checkpoint
 
         return load_nf4_checkpoint(_path("checkpoints", ckpt_name), double_blocks_cuda_size,
                                    single_blocks_cuda_size,
@@ -224,7 +224,7 @@ class VBARNF4DiffusionModelLoader:
 
     def load(self, unet_name, double_blocks_cuda_size, single_blocks_cuda_size, quantize_on_load,
              unique_id=None):
-        from .loaders.nf4_comfy import load_nf4_diffusion_model
+        from .loaders.comfyui.nf4 import load_nf4_diffusion_model
 
         return (load_nf4_diffusion_model(_path("diffusion_models", unet_name),
                                          double_blocks_cuda_size, single_blocks_cuda_size,
@@ -305,7 +305,7 @@ class VBARGGUFDiffusionModelLoader:
 
     def load(self, unet_name, dequant_dtype="default", patch_dtype="default",
              double_blocks_cuda_size=0, single_blocks_cuda_size=0, unique_id=None):
-        from .loaders.comfy_gguf import load_gguf_diffusion_model
+        from .loaders.comfyui.gguf import load_gguf_diffusion_model
 
         return (load_gguf_diffusion_model(
             _path("diffusion_models", unet_name), dequant_dtype, patch_dtype,
@@ -386,7 +386,7 @@ class VBARGGUFQuadrupleCLIPLoader(_SeveralCLIPLoader):
 def _load_clip(names, type, device):
     import folder_paths
 
-    from .loaders.comfy_gguf import load_text_encoders
+    from .loaders.comfyui.gguf import load_text_encoders
 
     paths = [_path("text_encoders", n) for n in names]
     return (load_text_encoders(paths, type, folder_paths.get_folder_paths("embeddings"),

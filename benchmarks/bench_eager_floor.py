@@ -29,7 +29,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import conftest  # noqa: E402,F401  (registers the vbar_loaders alias)
-from vbar_loaders.loaders import nf4_kernels as K  # noqa: E402
+from vbar_loaders.loaders.nf4 import kernels as K  # noqa: E402
 
 CHUNK = 1 << 19
 

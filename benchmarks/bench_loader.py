@@ -21,9 +21,9 @@ import time
 import _pack  # noqa: F401
 import torch
 
-from vbar_loaders.loaders.safetensors_file import SafetensorsFile
-from vbar_loaders.loaders.vbar_modules import vbarize
-from vbar_loaders.loaders.weight_store import WeightStore
+from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
+from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
 from vbar_loaders.vram import Pool
 from vbar_loaders.vram.host_backend import HostBackend
 

@@ -20,7 +20,7 @@ if "vbar_loaders" not in sys.modules:  # same alias as tests/conftest.py
     pkg.__path__ = [str(ROOT)]
     sys.modules["vbar_loaders"] = pkg
 
-from vbar_loaders.loaders.nf4 import dequantize_nf4, parse_quant_state  # noqa: E402
+from vbar_loaders.loaders.nf4.codec import dequantize_nf4, parse_quant_state  # noqa: E402
 
 
 def bnb_case(x, nested):
@@ -50,7 +50,7 @@ def run(shapes, rounds):
             if have_bnb:
                 bnb_fn, entries = bnb_case(x, nested)
             else:
-                from vbar_loaders.loaders.nf4 import nf4_state_dict_entries
+                from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
                 bnb_fn, entries = None, nf4_state_dict_entries("l", x, compress_statistics=nested)
             w = parse_quant_state(entries, "l", "bench")
             # "ours" is the portable torch path; "pack" is what a layer runs: bitsandbytes'

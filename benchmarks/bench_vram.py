@@ -111,7 +111,7 @@ def bench_use_hit(batches, n):
     """The whole per-layer path: WeightStore.use() on a resident weight (context manager)."""
     import torch
 
-    from vbar_loaders.loaders.weight_store import WeightStore
+    from vbar_loaders.loaders.runtime.weight_store import WeightStore
 
     pool = Pool(HostBackend(), budget=GiB)
     store = WeightStore("use", pool, page_size=2 * MiB)

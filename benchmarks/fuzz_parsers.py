@@ -311,7 +311,7 @@ def mutate_safetensors(rng, base, log):
 
 def check_safetensors(path, blob, base):
     """Open with the pack's reader; on success every tensor must be exactly what the header says."""
-    from vbar_loaders.loaders.safetensors_file import DTYPES, SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import DTYPES, SafetensorsFile
 
     f = SafetensorsFile(path)
     try:
@@ -581,9 +581,10 @@ def mutate_gguf(rng, base, log):
 
 
 def _gguf_loader():
-    """loaders/gguf_file.py and gguf_weights.py, or None where they do not exist yet."""
+    """loaders/gguf/file.py and gguf_weights.py, or None where they do not exist yet."""
     try:
-        from vbar_loaders.loaders import gguf_file, gguf_weights
+        from vbar_loaders.loaders.gguf import file as gguf_file
+        from vbar_loaders.loaders.gguf import weights as gguf_weights
     except ImportError:
         return None
     return gguf_file, gguf_weights
@@ -591,12 +592,12 @@ def _gguf_loader():
 
 def gguf_open_fallback(path):
     """gguf.GGUFReader wrapped as a loader would: its exceptions re-raised as GGUFError naming
-    the file. Only for checkouts without loaders/gguf_file.py. Returns {name: (info, value)}."""
+    the file. Only for checkouts without loaders/gguf/file.py. Returns {name: (info, value)}."""
     import numpy as np
     import torch
     from gguf import GGUFReader
 
-    from vbar_loaders.loaders import gguf_dequant
+    from vbar_loaders.loaders.gguf import dequant as gguf_dequant
     from vbar_loaders.loaders.errors import GGUFError
 
     try:
@@ -631,7 +632,7 @@ def gguf_open(path):
     for key in gf.fields():
         gf.field(key)
     try:
-        from vbar_loaders.loaders import gguf_tokenizer
+        from vbar_loaders.loaders.gguf import tokenizer as gguf_tokenizer
     except ImportError:
         gguf_tokenizer = None
     if gguf_tokenizer is not None and gguf_tokenizer.has_sentencepiece(gf):
@@ -681,7 +682,7 @@ NF4_LAYERS = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0", "fina
 def nf4_base():
     import torch
 
-    from vbar_loaders.loaders.nf4 import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
+    from vbar_loaders.loaders.nf4.codec import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
 
     g = torch.Generator().manual_seed(1)
     sd = {}
@@ -831,8 +832,8 @@ def mutate_nf4(rng, base, log):
 def check_nf4(path, touched, base):
     """Open as a loader does, parse every 4-bit layer found, dequantize; untouched layers must
     decode bit-identically to the original file."""
-    from vbar_loaders.loaders.nf4 import dequantize_nf4, parse_quant_state
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.nf4.codec import dequantize_nf4, parse_quant_state
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     f = SafetensorsFile(path)
     try:
@@ -1225,7 +1226,7 @@ def report(tallies, out=print):
         for s in t.falsifying[:2]:
             out(f"\n{p}: hypothesis, shrunk: {s}")
     if "gguf" in tallies and _gguf_loader() is None:
-        out("\nnote: no loaders/gguf_file.py here; GGUF cases ran through gguf.GGUFReader "
+        out("\nnote: no loaders/gguf/file.py here; GGUF cases ran through gguf.GGUFReader "
             "wrapped as a loader would (gguf_open_fallback)")
 
 

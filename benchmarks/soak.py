@@ -129,9 +129,9 @@ class Live:
     """A model loaded from its file into a WeightStore of ``pool``."""
 
     def __init__(self, name, path, pool, page_size):
-        from vbar_loaders.loaders.safetensors_file import SafetensorsFile
-        from vbar_loaders.loaders.vbar_modules import vbarize
-        from vbar_loaders.loaders.weight_store import WeightStore
+        from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
+        from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+        from vbar_loaders.loaders.runtime.weight_store import WeightStore
 
         cls, _ = MODELS[name]
         self.name = name

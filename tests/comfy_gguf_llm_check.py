@@ -36,9 +36,9 @@ import comfy.ops  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.text_encoders.llama as llama  # noqa: E402
 from gguf_helpers import SPM_KV, llm_config_sd, write_llm_gguf  # noqa: E402
-from vbar_loaders.loaders.comfy_gguf import load_text_encoders, text_encoder_state_dict  # noqa: E402
-from vbar_loaders.loaders.gguf_file import GGUFFile  # noqa: E402
-from vbar_loaders.loaders.gguf_tokenizer import sentencepiece_model  # noqa: E402
+from vbar_loaders.loaders.comfyui.gguf import load_text_encoders, text_encoder_state_dict  # noqa: E402
+from vbar_loaders.loaders.gguf.file import GGUFFile  # noqa: E402
+from vbar_loaders.loaders.gguf.tokenizer import sentencepiece_model  # noqa: E402
 
 PROMPT = "a photo of a red cube on a wooden table, studio light"
 # ComfyUI's configs fix head_dim (128 for Llama/Qwen, 256 for Gemma 2); the rest is shrunk.

@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 import comfy.model_management as mm  # noqa: E402
 import comfy.sd  # noqa: E402
 from gguf_helpers import convert_safetensors, reference_state_dict, write_gguf  # noqa: E402
-from vbar_loaders.loaders.comfy_gguf import load_text_encoders  # noqa: E402
-from vbar_loaders.loaders.gguf_names import t5_name  # noqa: E402
+from vbar_loaders.loaders.comfyui.gguf import load_text_encoders  # noqa: E402
+from vbar_loaders.loaders.gguf.names import t5_name  # noqa: E402
 
 T5_CONFIG = {"num_layers": 2, "d_model": 256, "d_ff": 512, "num_heads": 4, "d_kv": 64,
              "vocab_size": 32128, "relative_attention_num_buckets": 32}

@@ -13,8 +13,8 @@ import comfy.sample  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 
-from vbar_loaders.loaders.comfy_loaders import load_checkpoint  # noqa: E402
-from vbar_loaders.loaders.comfy_patcher import dynamic_vram_active, stores_of  # noqa: E402
+from vbar_loaders.loaders.comfyui.loading import load_checkpoint  # noqa: E402
+from vbar_loaders.loaders.comfyui.patcher import dynamic_vram_active, stores_of  # noqa: E402
 from vbar_loaders.vram import get_pool  # noqa: E402
 
 

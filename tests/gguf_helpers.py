@@ -143,7 +143,7 @@ def write_reference_safetensors(gguf_path, dst):
 
 
 # ---- decoder LLMs (Llama, Qwen, Gemma) written as llama.cpp's convert_hf_to_gguf.py does ----
-# Written from llama.cpp's documented conventions, independently of loaders/gguf_names.py.
+# Written from llama.cpp's documented conventions, independently of loaders/gguf/names.py.
 _LLAMA_CPP_PARTS = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

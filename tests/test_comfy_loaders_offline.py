@@ -3,7 +3,7 @@ import pickle
 
 import pytest
 
-from vbar_loaders.loaders.comfy_loaders import open_state_dict
+from vbar_loaders.loaders.comfyui.loading import open_state_dict
 from vbar_loaders.loaders.errors import ModelFileError
 
 
@@ -28,7 +28,7 @@ def test_low_vram_patch_for_old_and_new_comfyui():
     """ComfyUI's LowVramPatch took (key, patches) until v0.3.64, then also convert/set funcs."""
     import types
 
-    from vbar_loaders.loaders.comfy_patcher import _low_vram_patch
+    from vbar_loaders.loaders.comfyui.patcher import _low_vram_patch
 
     class Old:
         def __init__(self, key, patches):
@@ -57,7 +57,7 @@ def test_triple_and_quadruple_clip_loaders_pass_their_files_in_order(monkeypatch
 
     import torch
 
-    import vbar_loaders.loaders.comfy_gguf as cg
+    import vbar_loaders.loaders.comfyui.gguf as cg
     from vbar_loaders import nodes
 
     fake = types.SimpleNamespace(get_full_path_or_raise=lambda folder, name: f"/m/{folder}/{name}",

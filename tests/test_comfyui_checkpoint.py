@@ -30,7 +30,7 @@ def server():
 def write_lora(models):
     from safetensors.torch import save_file
 
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     ckpt = SafetensorsFile(os.path.join(models, "checkpoints", "tiny_sd15.safetensors"))
     keys = [k for k in ckpt.keys() if k.endswith("attn1.to_q.weight")

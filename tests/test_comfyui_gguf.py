@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from vbar_loaders.loaders.flux_blocks import flux_block_bytes
+from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
 from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
 from gguf_helpers import convert_safetensors, write_reference_safetensors

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from vbar_loaders.loaders.flux_blocks import flux_block_bytes
+from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
 from comfy_env import add_budget, comfy_paths, ensure_models, start_server
 from test_comfyui_checkpoint import digest, load_wf
@@ -38,7 +38,7 @@ def server():
 
 
 def _fresh(path):
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     if not os.path.isfile(path):
         return False
@@ -51,8 +51,8 @@ def write_nf4_files(models):
     bf16 twin. Kept between runs (tagged), ~1.3 GB per layout."""
     from safetensors.torch import save_file
 
-    from vbar_loaders.loaders.nf4 import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.nf4.codec import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     folder = os.path.join(models, "diffusion_models")
     for layout in LAYOUTS:
@@ -83,7 +83,7 @@ def write_nf4_checkpoint(models):
     without text encoders (the harness has no tiny T5)."""
     from safetensors.torch import save_file
 
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     path = os.path.join(models, "checkpoints", CKPT)
     if _fresh(path):

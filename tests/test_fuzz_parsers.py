@@ -33,7 +33,7 @@ def _args(tmp_path, *extra):
 @pytest.mark.parametrize("parser", list(CASES))
 def test_every_mutated_file_loads_or_raises_typed_error(parser, tmp_path):
     if parser == "gguf" and F._gguf_loader() is None:
-        pytest.skip("loaders/gguf_file.py is not in this checkout")
+        pytest.skip("loaders/gguf/file.py is not in this checkout")
     lines = []
     args = _args(tmp_path, "--hypothesis", str(HYPOTHESIS))
     t = F.fuzz([parser], CASES[parser], args, out=lines.append)[parser]
@@ -82,7 +82,7 @@ def _st_file(tmp_path, header):
 
 @pytest.mark.parametrize("shape", [[0, 2**62, 4], [2**32] * 5000])
 def test_safetensors_shape_overflowing_int64_is_typed(tmp_path, shape):
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
 
     path = _st_file(tmp_path, {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 0]}})
     with pytest.raises(SafetensorsError, match="too many elements") as e:
@@ -91,7 +91,7 @@ def test_safetensors_shape_overflowing_int64_is_typed(tmp_path, shape):
 
 
 def _nf4_entries():
-    from vbar_loaders.loaders.nf4 import nf4_state_dict_entries
+    from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
 
     sd = nf4_state_dict_entries("l", torch.randn(16, 64), compress_statistics=True)
     key = "l.weight.quant_state.bitsandbytes__nf4"
@@ -106,7 +106,7 @@ def _nf4_entries():
     {"shape": [2**32] * 5000},                      # 48,000-digit byte count
 ])
 def test_nf4_malformed_quant_state_is_typed(edit):
-    from vbar_loaders.loaders.nf4 import parse_quant_state
+    from vbar_loaders.loaders.nf4.codec import parse_quant_state
 
     sd, key, qs = _nf4_entries()
     raw = edit.pop("raw", None) or json.dumps(dict(qs, **edit)).encode()
@@ -132,7 +132,7 @@ def _gguf_bytes(kv_payload, n_kv=1):
 def test_gguf_hostile_headers_are_typed(tmp_path, name, blob):
     mods = F._gguf_loader()
     if mods is None:
-        pytest.skip("loaders/gguf_file.py is not in this checkout")
+        pytest.skip("loaders/gguf/file.py is not in this checkout")
     path = tmp_path / f"{name}.gguf"
     path.write_bytes(blob)
     with pytest.raises(GGUFError) as e:

@@ -1,4 +1,4 @@
-"""loaders/gguf_dequant.py against gguf-py's numpy reference (llama.cpp's layouts)."""
+"""loaders/gguf/dequant.py against gguf-py's numpy reference (llama.cpp's layouts)."""
 import pathlib
 import subprocess
 import sys
@@ -10,9 +10,9 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from hypothesis import given, settings, strategies as st
 
-import vbar_loaders.loaders.gguf_dequant as gd
+import vbar_loaders.loaders.gguf.dequant as gd
 from vbar_loaders.loaders.errors import GGUFError
-from vbar_loaders.loaders.gguf_dequant import (QTYPE_BLOCK, UnsupportedQuantType, dequantize,
+from vbar_loaders.loaders.gguf.dequant import (QTYPE_BLOCK, UnsupportedQuantType, dequantize,
                                                dequantize_into, quantized_nbytes)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

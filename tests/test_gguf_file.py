@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 
 from gguf_helpers import fits, reference_state_dict, write_gguf
-from vbar_loaders.loaders import gguf_file
+from vbar_loaders.loaders.gguf import file as gguf_file
 from vbar_loaders.loaders.errors import GGUFError
-from vbar_loaders.loaders.gguf_file import GGUFFile
-from vbar_loaders.loaders.gguf_names import t5_name, text_encoder_names
-from vbar_loaders.loaders.gguf_weights import (Decoder, GGUFWeight, attach_sources, choice_dtype,
+from vbar_loaders.loaders.gguf.file import GGUFFile
+from vbar_loaders.loaders.gguf.names import t5_name, text_encoder_names
+from vbar_loaders.loaders.gguf.weights import (Decoder, GGUFWeight, attach_sources, choice_dtype,
                                                dequantize_unmanaged, gguf_state_dict,
                                                set_patch_dtype)
-from vbar_loaders.loaders.vbar_modules import vbarize
-from vbar_loaders.loaders.weight_store import WeightStore
+from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
 from vbar_loaders.vram import Pool
 from vbar_loaders.vram.host_backend import HostBackend
 

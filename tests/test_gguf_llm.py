@@ -8,11 +8,11 @@ from gguf import GGMLQuantizationType as QT
 
 from gguf_helpers import (SPM_KV, llama_cpp_permute, llm_config_sd, reference_state_dict, write_gguf,
                           write_llm_gguf)
-from vbar_loaders.loaders.comfy_gguf import text_encoder_state_dict
+from vbar_loaders.loaders.comfyui.gguf import text_encoder_state_dict
 from vbar_loaders.loaders.errors import GGUFError
-from vbar_loaders.loaders.gguf_file import GGUFFile
-from vbar_loaders.loaders.gguf_names import llama_unpermute_index, llm_name
-from vbar_loaders.loaders.gguf_weights import is_gguf_weight
+from vbar_loaders.loaders.gguf.file import GGUFFile
+from vbar_loaders.loaders.gguf.names import llama_unpermute_index, llm_name
+from vbar_loaders.loaders.gguf.weights import is_gguf_weight
 
 CFG = {"hidden": 256, "inter": 512, "layers": 2, "heads": 8, "kv_heads": 2, "head_dim": 32,
        "vocab": 300}

@@ -1,4 +1,4 @@
-"""loaders/gguf_tokenizer.py: a sentencepiece model rebuilt from GGUF metadata tokenizes
+"""loaders/gguf/tokenizer.py: a sentencepiece model rebuilt from GGUF metadata tokenizes
 exactly like the model it came from.
 
 Real sentencepiece models are trained here on a generated corpus (no downloads), written into
@@ -13,8 +13,8 @@ pb = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
 from gguf_helpers import write_gguf  # noqa: E402
 from spm_helpers import CASES, TEXTS, to_gguf, train  # noqa: E402
 from vbar_loaders.loaders.errors import GGUFError  # noqa: E402
-from vbar_loaders.loaders.gguf_file import GGUFFile  # noqa: E402
-from vbar_loaders.loaders.gguf_tokenizer import has_sentencepiece, sentencepiece_model  # noqa: E402
+from vbar_loaders.loaders.gguf.file import GGUFFile  # noqa: E402
+from vbar_loaders.loaders.gguf.tokenizer import has_sentencepiece, sentencepiece_model  # noqa: E402
 
 @pytest.mark.parametrize("case", CASES)
 def test_rebuilt_model_tokenizes_as_the_original(tmp_path, case):

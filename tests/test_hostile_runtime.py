@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-from vbar_loaders.loaders.vbar_modules import vbarize
-from vbar_loaders.loaders.weight_store import WeightStore
+from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
 from vbar_loaders.vram import Pool
 from vbar_loaders.vram.host_backend import HostBackend
 
@@ -17,10 +17,10 @@ SCENARIO = textwrap.dedent("""
     sys.path.insert(0, {tests!r}); import conftest
     import torch
     from safetensors.torch import save_file
-    from vbar_loaders.loaders.safetensors_file import SafetensorsFile
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
     from vbar_loaders.loaders.errors import FileChangedError
-    from vbar_loaders.loaders.vbar_modules import vbarize
-    from vbar_loaders.loaders.weight_store import WeightStore
+    from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+    from vbar_loaders.loaders.runtime.weight_store import WeightStore
     from vbar_loaders.vram import Pool
     from vbar_loaders.vram.host_backend import HostBackend
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from vbar_loaders.loaders.errors import NF4Error
-from vbar_loaders.loaders.nf4 import (
+from vbar_loaders.loaders.nf4.codec import (
     NF4Weight, dequantize_nf4, nf4_state_dict_entries, parse_quant_state, quantize_nf4,
 )
-from vbar_loaders.loaders.nf4_kernels import code_table, dynamic_map, quantize_blockwise_8bit
-from vbar_loaders.loaders import nf4_kernels
+from vbar_loaders.loaders.nf4.kernels import code_table, dynamic_map, quantize_blockwise_8bit
+from vbar_loaders.loaders.nf4 import kernels as nf4_kernels
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -244,14 +244,14 @@ def test_v2_with_uint8_absmax_is_refused():
 
 def test_import_does_not_load_bitsandbytes():
     code = ("import sys; sys.path.insert(0, 'tests'); import conftest; "
-            "import vbar_loaders.loaders.nf4; assert 'bitsandbytes' not in sys.modules")
+            "import vbar_loaders.loaders.nf4.codec; assert 'bitsandbytes' not in sys.modules")
     root = __file__.rsplit("/tests/", 1)[0]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 
 
 def test_bitsandbytes_kernel_is_used_when_installed_and_agrees():
     pytest.importorskip("bitsandbytes")
-    import vbar_loaders.loaders.nf4 as nf4_mod
+    import vbar_loaders.loaders.nf4.codec as nf4_mod
 
     torch.manual_seed(0)
     for shape in ((96, 160), (48, 48)):           # 48: last dim not a multiple of the blocksize

@@ -9,16 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vbar_loaders.loaders.errors import NF4Error
-from vbar_loaders.loaders.flux_blocks import (
+from vbar_loaders.loaders.runtime.blocks import (
     block_size_text, count_blocks, flux_block_bytes, pin_blocks, release_pins, restore_pins,
     retire_pins, track_pins,
 )
-from vbar_loaders.loaders.nf4 import nf4_state_dict_entries
-from vbar_loaders.loaders.nf4_model import (
+from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
+from vbar_loaders.loaders.nf4.model import (
     attach_nf4, dequantized_state_dict, quantize_linears, split_nf4_state_dict,
 )
-from vbar_loaders.loaders.vbar_modules import vbarize
-from vbar_loaders.loaders.weight_store import WeightStore
+from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
 from vbar_loaders.vram import BudgetExceeded, Pool
 from vbar_loaders.vram.host_backend import HostBackend
 

@@ -54,7 +54,7 @@ def test_dependencies_parse_and_never_pull_torch(pyproject):
     assert names == {"numpy", "gguf", "cuda-python"}
     assert not names & TORCH_LIKE
     assert not any(n.startswith("nvidia-") for n in names), names
-    # safetensors is parsed by loaders/safetensors_file.py; it is a test dependency only
+    # safetensors is parsed by loaders/files/safetensors_file.py; it is a test dependency only
     assert "safetensors" not in names
     cuda = Requirement(next(d for d in deps if dist_name(d) == "cuda-python"))
     assert cuda.marker is not None

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vbar_loaders.loaders.vbar_modules import vbarize
-from vbar_loaders.loaders.weight_store import WeightStore
+from vbar_loaders.loaders.runtime.vbar_modules import vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
 from vbar_loaders.vram import Pool
 from vbar_loaders.vram.host_backend import HostBackend
 

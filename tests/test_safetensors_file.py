@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import load_file as ref_load_file, save_file
 
 from vbar_loaders.loaders.errors import FileChangedError, SafetensorsError
-from vbar_loaders.loaders.safetensors_file import DTYPES, SafetensorsFile, load_file
+from vbar_loaders.loaders.files.safetensors_file import DTYPES, SafetensorsFile, load_file
 
 
 def _sample_tensors():

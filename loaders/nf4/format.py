@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .errors import NF4Error
-from .nf4_kernels import BLOCKSIZES, QUANT_TYPES
+from ..errors import NF4Error
+from .kernels import BLOCKSIZES, QUANT_TYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HINT = "The file is not a valid bitsandbytes 4-bit checkpoint; re-download or re-export it"

@@ -122,7 +122,7 @@ def restore_pins(store):
         for h in held:
             v.hold(h.slot)
     except Exception as e:
-        from ..vram import BudgetExceeded
+        from ...vram import BudgetExceeded
 
         release_pins(store, free=False)
         raise BudgetExceeded(

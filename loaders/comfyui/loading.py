@@ -7,8 +7,8 @@ is given a VBAR slot in execution order and the ModelPatchers become VBAR-aware.
 import logging
 import os
 
-from .errors import ModelFileError
-from .safetensors_file import SafetensorsFile
+from ..errors import ModelFileError
+from ..files.safetensors_file import SafetensorsFile
 
 log = logging.getLogger("vbar")
 
@@ -37,8 +37,8 @@ _warned_dynamic = False
 
 
 def _pool_for(device):
-    from ..vram import get_pool
-    from .comfy_patcher import dynamic_vram_active
+    from ...vram import get_pool
+    from .patcher import dynamic_vram_active
 
     global _warned_dynamic
     if not _warned_dynamic and dynamic_vram_active():
@@ -69,7 +69,7 @@ def _check_supported(sd, path):
 
 
 def _is_adopting(m):
-    from .comfy_ops import AdoptingOp
+    from .ops import AdoptingOp
 
     return isinstance(m, AdoptingOp)
 
@@ -90,9 +90,9 @@ def _convert_kept(module):
 
 def wrap_model(patcher, name, source_check=None):
     """Move a diffusion model's layers behind a VBAR; returns the (same) patcher, adopted."""
-    from .comfy_patcher import adopt
-    from .vbar_modules import vbarize
-    from .weight_store import WeightStore
+    from .patcher import adopt
+    from ..runtime.vbar_modules import vbarize
+    from ..runtime.weight_store import WeightStore
 
     diffusion = patcher.model.diffusion_model
     if not any(_is_adopting(m) for m in diffusion.modules()):
@@ -111,9 +111,9 @@ def wrap_clip(clip, name, source_check=None):
     ComfyUI runs a text encoder on the device its token embedding lives on, so those tables
     stay ordinary tensors that follow the model to its device.
     """
-    from .comfy_patcher import adopt
-    from .vbar_modules import vbarize
-    from .weight_store import WeightStore
+    from .patcher import adopt
+    from ..runtime.vbar_modules import vbarize
+    from ..runtime.weight_store import WeightStore
 
     model = clip.cond_stage_model
     keep = set()
@@ -133,9 +133,9 @@ def wrap_clip(clip, name, source_check=None):
 
 def wrap_vae(vae, name, source_check=None):
     """ComfyUI builds VAEs with fixed ops; their layers are converted after construction."""
-    from .comfy_patcher import adopt
-    from .vbar_modules import vbarize
-    from .weight_store import WeightStore
+    from .patcher import adopt
+    from ..runtime.vbar_modules import vbarize
+    from ..runtime.weight_store import WeightStore
 
     store = WeightStore(name, _pool_for(vae.patcher.load_device), source_check=source_check)
     vbarize(vae.first_stage_model, store)
@@ -148,7 +148,7 @@ def load_checkpoint(path, embedding_directory=None):
     import comfy.model_management as mm
     import comfy.sd
 
-    from .comfy_ops import vbar_operations
+    from .ops import vbar_operations
 
     sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
@@ -176,7 +176,7 @@ def load_diffusion_model(path, weight_dtype="default"):
     import comfy.sd
     import torch
 
-    from .comfy_ops import vbar_operations
+    from .ops import vbar_operations
 
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}")

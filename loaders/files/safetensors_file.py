@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .errors import FileChangedError, SafetensorsError
+from ..errors import FileChangedError, SafetensorsError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_DIM = 2**63 - 1  # torch sizes are int64; larger dims would only fail later, obscurely

@@ -10,14 +10,14 @@ import os
 
 import torch
 
-from .comfy_pins import follow_pins
-from .errors import GGUFError
-from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
-from .gguf_file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
-from .gguf_names import (GEMMA_ARCHS, LLM_ARCHS, T5_ARCHS, llama_unpermute_index,
+from .pins import follow_pins
+from ..errors import GGUFError
+from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
+from ..gguf.file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
+from ..gguf.names import (GEMMA_ARCHS, LLM_ARCHS, T5_ARCHS, llama_unpermute_index,
                          text_encoder_names)
-from .gguf_tokenizer import has_sentencepiece, sentencepiece_model
-from .gguf_weights import (attach_sources, choice_dtype, dequantize_unmanaged, gguf_state_dict,
+from ..gguf.tokenizer import has_sentencepiece, sentencepiece_model
+from ..gguf.weights import (attach_sources, choice_dtype, dequantize_unmanaged, gguf_state_dict,
                            set_patch_dtype, take_rows)
 
 log = logging.getLogger("vbar")
@@ -44,7 +44,7 @@ def _plain_embeddings(model):
     ComfyUI reads them directly (a text encoder runs on its token table's device; CLIP adds its
     position table itself), and the token tables stay out of the VBAR. A stock load stores them
     in the layer's dtype, so an F32 table from a file is converted too, to compute the same."""
-    from .gguf_weights import GGUFWeight
+    from ..gguf.weights import GGUFWeight
 
     for m in model.modules():
         p = m._parameters.get("weight") if isinstance(m, torch.nn.Embedding) else None
@@ -75,8 +75,8 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     pins are released."""
     import comfy.sd
 
-    from .comfy_loaders import wrap_model
-    from .comfy_ops import vbar_operations
+    from .loading import wrap_model
+    from .ops import vbar_operations
 
     dq = choice_dtype(dequant_dtype, "dequant_dtype")
     pd = choice_dtype(patch_dtype, "patch_dtype")
@@ -204,8 +204,8 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     import comfy.model_management as mm
     import comfy.sd
 
-    from .comfy_loaders import _check_supported, open_checked, wrap_clip
-    from .comfy_ops import vbar_operations
+    from .loading import _check_supported, open_checked, wrap_clip
+    from .ops import vbar_operations
 
     if isinstance(clip_type, str):
         clip_type = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)

@@ -15,8 +15,8 @@ import logging
 
 import torch
 
-from . import gguf_dequant
-from .errors import GGUFError
+from . import dequant as gguf_dequant
+from ..errors import GGUFError
 
 log = logging.getLogger("vbar")
 

@@ -7,8 +7,8 @@ node's previous MODEL in its output cache meanwhile. Imports ComfyUI only inside
 import logging
 import os
 
-from .errors import ModelFileError
-from .flux_blocks import check_block_counts, count_blocks, release_pins, restore_pins, track_pins
+from ..errors import ModelFileError
+from ..runtime.blocks import check_block_counts, count_blocks, release_pins, restore_pins, track_pins
 
 log = logging.getLogger("vbar")
 _CALLBACK_KEY = "vbar_flux_block_pins"
@@ -17,10 +17,10 @@ _CALLBACK_KEY = "vbar_flux_block_pins"
 def file_block_counts(path):
     """(double, single) Flux blocks in a .safetensors or .gguf file, from its header only."""
     if str(path).lower().endswith(".gguf"):
-        from .gguf_file import GGUFFile
+        from ..gguf.file import GGUFFile
 
         return count_blocks(GGUFFile(path).keys())
-    from .safetensors_file import SafetensorsFile
+    from ..files.safetensors_file import SafetensorsFile
 
     with SafetensorsFile(path, verify=False) as f:
         return count_blocks(f.keys())
@@ -38,7 +38,7 @@ def validate_block_counts(path, double, single):
 def follow_pins(patcher, name, double, single, owner):
     """After ``wrap_model``: if blocks were pinned, tie their pins to ComfyUI's loads and
     unloads and to ``owner``'s next load."""
-    from .comfy_patcher import stores_of
+    from .patcher import stores_of
 
     store = stores_of(patcher)[-1]
     if not any(h.held for h in store.handles):

@@ -24,7 +24,7 @@ def patcher_class():
         return _cls
     import comfy.model_patcher as mp
 
-    from .vbar_modules import VbarLayer
+    from ..runtime.vbar_modules import VbarLayer
 
     class VbarModelPatcher(mp.ModelPatcher):
         def _vbar_managed(self):

@@ -11,7 +11,7 @@ requirements include sentencepiece but not the protobuf runtime.
 """
 import struct
 
-from .errors import GGUFError
+from ..errors import GGUFError
 
 # tokenizer.ggml.model -> sentencepiece TrainerSpec.model_type
 _MODEL_TYPES = {"t5": 1, "llama": 2}     # unigram (T5, UMT5), BPE (Llama 2, Gemma)

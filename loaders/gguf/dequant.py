@@ -29,7 +29,7 @@ import math
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-from .errors import GGUFError
+from ..errors import GGUFError
 
 U8, I8, I16, I32, F16, F32 = torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.float32
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

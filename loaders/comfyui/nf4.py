@@ -10,9 +10,9 @@ Pins then follow the model's life in ComfyUI: see comfy_pins.
 import logging
 import os
 
-from .comfy_pins import follow_pins
-from .errors import ModelFileError, NF4Error
-from .flux_blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
+from .pins import follow_pins
+from ..errors import ModelFileError, NF4Error
+from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
 
 log = logging.getLogger("vbar")
 
@@ -26,8 +26,8 @@ def _unet_prefix(sd):
 
 
 def _open(path, double, single):
-    from .comfy_loaders import _check_supported, open_checked
-    from .nf4_model import split_nf4_state_dict
+    from .loading import _check_supported, open_checked
+    from ..nf4.model import split_nf4_state_dict
 
     sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
@@ -56,8 +56,8 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
     """Attach the 4-bit weights, pin blocks, put the model behind the VBAR."""
     import comfy.model_management as mm
 
-    from .comfy_loaders import _is_adopting, wrap_model
-    from .nf4_model import attach_nf4, quantize_linears
+    from .loading import _is_adopting, wrap_model
+    from ..nf4.model import attach_nf4, quantize_linears
 
     diffusion = patcher.model.diffusion_model
     name = os.path.basename(str(path))
@@ -84,7 +84,7 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
     """
     import comfy.sd
 
-    from .comfy_ops import vbar_operations
+    from .ops import vbar_operations
 
     logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks)
     retire_pins(owner)
@@ -108,8 +108,8 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
     import comfy.model_management as mm
     import comfy.sd
 
-    from .comfy_loaders import wrap_clip, wrap_vae
-    from .comfy_ops import vbar_operations
+    from .loading import wrap_clip, wrap_vae
+    from .ops import vbar_operations
 
     logical, weights, prefix, metadata, check = _open(path, double_blocks, single_blocks)
     # ComfyUI falls back to a diffusion-model load without our operations when detection fails,

@@ -100,7 +100,7 @@ class WeightStore:
                 self.vbar.hold(h.slot)
         except Exception as e:
             self.close()
-            from ..vram import BudgetExceeded
+            from ...vram import BudgetExceeded
 
             raise BudgetExceeded(
                 f"{self.name}: the pinned blocks need {need / 2**20:.0f} MiB resident but the VRAM "
@@ -204,7 +204,7 @@ class WeightStore:
         return c
 
     def _new_patched(self, h, dtype):
-        from ..vram import BadCall
+        from ...vram import BadCall
 
         v = self.patch_vbar
         if v is None:

@@ -9,8 +9,8 @@ import functools
 
 import torch
 
-from . import nf4_kernels as K
-from .nf4_format import DTYPES, NF4Weight, parse_quant_state, quant_state_blob, state_dict_entries
+from . import kernels as K
+from .format import DTYPES, NF4Weight, parse_quant_state, quant_state_blob, state_dict_entries
 
 __all__ = [
     "NF4Weight", "parse_quant_state", "dequantize_nf4", "absmax_f32", "quantize_nf4",

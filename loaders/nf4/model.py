@@ -19,8 +19,8 @@ import logging
 
 import torch
 
-from .errors import NF4Error
-from .nf4 import dequantize_nf4, parse_quant_state, quantize_nf4
+from ..errors import NF4Error
+from .codec import dequantize_nf4, parse_quant_state, quantize_nf4
 
 log = logging.getLogger("vbar")
 
