@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from vbar_loaders.loaders.errors import NF4Error
 from vbar_loaders.loaders.runtime.blocks import (
     block_size_text, count_blocks, flux_block_bytes, pin_blocks, release_pins, restore_pins,
-    retire_pins, track_pins,
 )
+from vbar_loaders.loaders.comfyui.pins import retire_pins, track_pins
 from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
 from vbar_loaders.loaders.nf4.model import (
     attach_nf4, dequantized_state_dict, quantize_linears, split_nf4_state_dict,

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-from .pins import follow_pins
+from .pins import follow_pins, retire_pins
 from ..errors import GGUFError
-from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
+from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks
 from ..gguf.file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
 from ..gguf.names import (GEMMA_ARCHS, LLM_ARCHS, T5_ARCHS, llama_unpermute_index,
                          text_encoder_names)

@@ -10,9 +10,9 @@ Pins then follow the model's life in ComfyUI: see comfy_pins.
 import logging
 import os
 
-from .pins import follow_pins
+from .pins import follow_pins, retire_pins
 from ..errors import ModelFileError, NF4Error
-from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks, retire_pins
+from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks
 
 log = logging.getLogger("vbar")
 

@@ -6,9 +6,10 @@ node's previous MODEL in its output cache meanwhile. Imports ComfyUI only inside
 """
 import logging
 import os
+import weakref
 
 from ..errors import ModelFileError
-from ..runtime.blocks import check_block_counts, count_blocks, release_pins, restore_pins, track_pins
+from ..runtime.blocks import check_block_counts, count_blocks, release_pins, restore_pins
 
 log = logging.getLogger("vbar")
 _CALLBACK_KEY = "vbar_flux_block_pins"
@@ -61,3 +62,25 @@ def _follow_comfy(patcher, store):
 
     patcher.add_callback_with_key(CallbacksMP.ON_DETACH, _CALLBACK_KEY, on_detach)
     patcher.add_callback_with_key(CallbacksMP.ON_LOAD, _CALLBACK_KEY, on_load)
+
+
+_owned = {}   # owner token -> [weakref(WeightStore)] of its previous loads
+
+
+def retire_pins(owner):
+    """A new load by ``owner`` replaces its previous ones: release their pins for good.
+
+    ComfyUI keeps a node's previous output alive (its cache) while the node runs again, so the
+    old model's held pages would otherwise still count when the new one pins its blocks."""
+    if owner is None:
+        return
+    for ref in _owned.pop(owner, []):
+        store = ref()
+        if store is not None:
+            store.vbar_pins_retired = True
+            release_pins(store)
+
+
+def track_pins(store, owner):
+    if owner is not None and any(h.held for h in store.handles):
+        _owned.setdefault(owner, []).append(weakref.ref(store))

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from . import dequant as gguf_dequant
+from . import dequant
 from ..errors import GGUFError
 
 log = logging.getLogger("vbar")
@@ -52,7 +52,7 @@ class Decoder:
         self.shape = torch.Size(shape)
         self.dequant_dtype = dequant_dtype
         self.weight_dtype = None
-        self.fast = qtype in gguf_dequant.QTYPE_BLOCK
+        self.fast = qtype in dequant.QTYPE_BLOCK
 
     def __call__(self, raw, dtype):
         dq = self.dequant_dtype
@@ -60,11 +60,11 @@ class Decoder:
             dq = self.weight_dtype or dtype
         elif dq == "target":
             dq = dtype
-        kernel_dtype = dq if dq in gguf_dequant.OUT_DTYPES else torch.float32
+        kernel_dtype = dq if dq in dequant.OUT_DTYPES else torch.float32
         if self.fast:
             # Dequantize in the stored shape: a tensor flattened into rows of whole blocks
             # (orig_shape) has a logical last dimension that is no multiple of the block.
-            w = gguf_dequant.dequantize(raw, self.qtype, self.stored_shape, kernel_dtype)
+            w = dequant.dequantize(raw, self.qtype, self.stored_shape, kernel_dtype)
         else:
             w = _reference_dequantize(raw, self.qtype, self.stored_shape, kernel_dtype)
         if dq != kernel_dtype:
@@ -233,9 +233,9 @@ def model_tensor(gf, name, dequant_dtype=None, shape_dequant_dtype=torch.float32
     if not info.quantized:
         return gf.tensor(name)
     qt = info.qtype
-    if qt not in gguf_dequant.QTYPE_BLOCK and not _reference_supported(qt):
+    if qt not in dequant.QTYPE_BLOCK and not _reference_supported(qt):
         raise GGUFError(gf.path, f"quantization type {qt.name} cannot be dequantized",
-                        "Supported: " + ", ".join(q.name for q in gguf_dequant.QTYPE_BLOCK)
+                        "Supported: " + ", ".join(q.name for q in dequant.QTYPE_BLOCK)
                         + " (others only if the gguf package can dequantize them). Re-quantize "
                         "the model", tensor=name)
     dec = Decoder(qt, info.stored_shape, info.shape, dequant_dtype)
@@ -254,7 +254,7 @@ def gguf_state_dict(gf, names=None, dequant_dtype=None):
     log.info("%s: GGUF v%d, arch %s, tensors: %s", gf.path, gf.version, gf.architecture,
              ", ".join(f"{k} ({v})" for k, v in counts.items()))
     slow = sorted({gf.info(n).qtype.name for n in names if gf.info(n).quantized
-                   and gf.info(n).qtype not in gguf_dequant.QTYPE_BLOCK})
+                   and gf.info(n).qtype not in dequant.QTYPE_BLOCK})
     if slow:
         log.warning("%s: %s tensors have no torch dequantizer; using gguf's numpy reference "
                     "(slow: every use round-trips through the CPU)", gf.path, "/".join(slow))

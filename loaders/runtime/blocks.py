@@ -2,10 +2,11 @@
 
 The popular node this replaces moves whole blocks with blocking copies every step; here a
 pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
-evicted) and every other layer faults within the budget. Nothing here imports ComfyUI.
+evicted) and every other layer faults within the budget. What a block is, how many a file
+has, which layers to hold, and holding/releasing a store's pins; when to do so over a model's
+life in ComfyUI is comfyui/pins.py's business.
 """
 import re
-import weakref
 
 # Flux.1 as ComfyUI's detection builds it: hidden 3072, MLP ratio 4, 24 heads of 128.
 FLUX_HIDDEN = 3072
@@ -129,25 +130,3 @@ def restore_pins(store):
             f"{store.name}: the pinned blocks need {sum(h.nbytes for h in held) / 2**20:.0f} MiB "
             f"resident but the VRAM budget is {store.pool.budget() / 2**20:.0f} MiB ({e}). Pin "
             f"fewer blocks or raise the budget") from e
-
-
-_owned = {}   # owner token -> [weakref(WeightStore)] of its previous loads
-
-
-def retire_pins(owner):
-    """A new load by ``owner`` replaces its previous ones: release their pins for good.
-
-    ComfyUI keeps a node's previous output alive (its cache) while the node runs again, so the
-    old model's held pages would otherwise still count when the new one pins its blocks."""
-    if owner is None:
-        return
-    for ref in _owned.pop(owner, []):
-        store = ref()
-        if store is not None:
-            store.vbar_pins_retired = True
-            release_pins(store)
-
-
-def track_pins(store, owner):
-    if owner is not None and any(h.held for h in store.handles):
-        _owned.setdefault(owner, []).append(weakref.ref(store))
