@@ -95,9 +95,14 @@ def test_registry_fields(pyproject):
 
 
 def test_pytest_config(pyproject):
-    opts = pyproject["tool"]["pytest"]["ini_options"]
-    assert opts["testpaths"] == ["tests"]
-    assert any(m.split(":")[0].strip() == "comfyui" for m in opts["markers"])
+    """pytest's config lives in tests/ (its rootdir there, whatever the clone's folder is named)."""
+    assert "pytest" not in pyproject.get("tool", {}), "keep pytest's config in tests/pytest.ini"
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "tests" / "pytest.ini")
+    markers = [m for m in ini["pytest"]["markers"].splitlines() if m.strip()]
+    assert any(m.split(":")[0].strip() == "comfyui" for m in markers)
 
 
 def test_comfyignore_keeps_development_files_out():
