@@ -94,7 +94,7 @@ class VBARSetBudget:
                                f"(e.g. cuda-python is not installed)")
         budget = int(budget_gb * (1 << 30)) or None
         if budget is None and pool.backend.capacity() is None:
-            budget = pool._budget
+            budget = pool.limit
         pool.set_budget(budget, int(headroom_gb * (1 << 30)))
         log.info("VBAR budget on %s: %.2f GB usable", model.load_device, pool.budget() / 2**30)
         return (model,)

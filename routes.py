@@ -9,20 +9,13 @@ PUSH_INTERVAL_S = 0.5      # at most 2 events a second
 _pusher = None
 
 
-def _pools():
-    from .vram import _pools, _pools_lock
-
-    with _pools_lock:
-        return dict(_pools)
-
-
 def snapshot():
     """``{"time", "pools": {dev: pool.stats() + per-VBAR "slot_states" (one letter per slot,
     H held / R resident / S streamed) and "streamed_bytes"}, "devices": {dev: total/free,
     torch allocated/reserved}}``."""
     from .vram import report
 
-    return report.collect(_pools())
+    return report.collect()
 
 
 def activity(pools):
@@ -31,7 +24,7 @@ def activity(pools):
     sig = []
     for dev, pool in pools.items():
         vbars = list(pool.vbars)
-        sig.append((dev, pool.mapped_bytes, pool._budget, pool.headroom, len(vbars),
+        sig.append((dev, pool.mapped_bytes, pool.limit, pool.headroom, len(vbars),
                     sum(v.counters.faults + v.counters.evictions for v in vbars)))
     return tuple(sig)
 
@@ -50,7 +43,9 @@ class StatsPusher(threading.Thread):
 
     def tick(self):
         """Send if something changed since the last send. Returns whether it sent."""
-        sig = activity(_pools())
+        from .vram import pools
+
+        sig = activity(pools())
         if sig == self.last:
             return False
         self.last = sig

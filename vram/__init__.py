@@ -11,8 +11,8 @@ from .pool import Pool
 from .vbar import OFFLOADED, VBAR, Fault, Slot
 
 __all__ = ["Pool", "VBAR", "Slot", "Fault", "OFFLOADED", "VramError", "BadCall", "ClosedError",
-           "BackendError", "PhysicalOOM", "BudgetExceeded", "make_backend", "get_pool",
-           "reset_pools", "parse_bytes"]
+           "BackendError", "PhysicalOOM", "BudgetExceeded", "make_backend", "get_pool", "pools",
+           "parse_bytes"]
 
 log = logging.getLogger("vbar")
 _pools = {}
@@ -73,13 +73,13 @@ def get_pool(device="cpu", budget=None, headroom=None):
             h = headroom if headroom is not None else (parse_bytes(env_head) if env_head else 0)
             pool = _pools[key] = Pool(backend, budget=b, headroom=h)
         elif budget is not None or headroom is not None:
-            pool.set_budget(budget if budget is not None else pool._budget, headroom)
+            pool.set_budget(budget if budget is not None else pool.limit, headroom)
         return pool
 
 
-def reset_pools():
-    """Close every pool (tests, shutdown)."""
+def pools():
+    """``{device: Pool}`` for every pool ``get_pool`` made in this process (a copy: safe to
+    iterate while another thread makes a pool). A closed pool stays listed; ``pool.closed``
+    says so."""
     with _pools_lock:
-        for pool in _pools.values():
-            pool.close()
-        _pools.clear()
+        return dict(_pools)
