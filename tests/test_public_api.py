@@ -84,6 +84,17 @@ def test_environment_is_read_once_when_the_pool_is_made(no_pools, monkeypatch):
     assert get_pool("cpu") is pool and pool.limit == 3 * GiB and pool.headroom == GiB // 2
 
 
+def test_environment_defaults_and_zero_headroom(no_pools, monkeypatch):
+    assert get_pool("cpu").limit == 8 * GiB and get_pool("cpu").headroom == 0
+    monkeypatch.setattr(vram_pkg, "_pools", {})
+    monkeypatch.setenv("VBAR_HEADROOM", "0")   # the default, written out: accepted
+    assert get_pool("cpu").headroom == 0
+    monkeypatch.setattr(vram_pkg, "_pools", {})
+    monkeypatch.setenv("VBAR_BUDGET", "0")     # a budget of nothing is refused, naming the value
+    with pytest.raises(BadCall, match="'0'"):
+        get_pool("cpu")
+
+
 # --- VBAR Set Budget --------------------------------------------------------------------------
 def apply_budget(device, budget_gb, headroom_gb):
     model = types.SimpleNamespace(load_device=device)

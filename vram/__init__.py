@@ -19,7 +19,7 @@ _pools = {}
 _pools_lock = threading.Lock()
 
 
-def parse_bytes(text):
+def parse_bytes(text, allow_zero=False):
     """'6G', '512MiB', '1.5GB', '1073741824' -> bytes. Raises BadCall naming the value."""
     s = str(text).strip().upper().replace("IB", "").replace("B", "")
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -30,8 +30,8 @@ def parse_bytes(text):
             n = int(float(s))
     except ValueError:
         raise BadCall(f"cannot read {text!r} as a size: use e.g. 6G, 512M or a number of bytes")
-    if n <= 0:
-        raise BadCall(f"size {text!r} must be positive")
+    if n < 0 or (n == 0 and not allow_zero):
+        raise BadCall(f"size {text!r} must be {'>= 0' if allow_zero else 'positive'}")
     return n
 
 
@@ -70,7 +70,8 @@ def get_pool(device="cpu", budget=None, headroom=None):
             b = budget or (parse_bytes(env_budget) if env_budget else None)
             if b is None and backend.capacity() is None:
                 b = 8 << 30
-            h = headroom if headroom is not None else (parse_bytes(env_head) if env_head else 0)
+            h = headroom if headroom is not None else (
+                parse_bytes(env_head, allow_zero=True) if env_head else 0)
             pool = _pools[key] = Pool(backend, budget=b, headroom=h)
         elif budget is not None or headroom is not None:
             pool.set_budget(budget if budget is not None else pool.limit, headroom)
