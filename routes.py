@@ -1,5 +1,9 @@
 """HTTP routes under /vbar/ and the live "vbar.stats" events: read-only snapshots of the
-allocator, safe while sampling runs."""
+allocator, safe while sampling runs.
+
+``register()`` runs when ComfyUI imports the pack: with ComfyUI's server up it adds
+``GET /vbar/stats`` and starts one daemon thread (StatsPusher) that wakes every
+PUSH_INTERVAL_S; without a server (tests, scripts) it does nothing."""
 import logging
 import threading
 
@@ -32,7 +36,8 @@ def activity(pools):
 class StatsPusher(threading.Thread):
     """Sends "vbar.stats" to the browser when the allocator changed, at most every
     PUSH_INTERVAL_S. Idle (nothing changes between runs) it sends nothing, and it never runs on
-    the sampling thread: a snapshot holds the pool lock for about a millisecond."""
+    the sampling thread: a snapshot holds the pool lock only while it copies the counters and
+    page maps (0.04 ms for three models of 1000 weights each; docs/measured.md)."""
 
     def __init__(self, send, interval=PUSH_INTERVAL_S):
         super().__init__(name="vbar-stats-pusher", daemon=True)

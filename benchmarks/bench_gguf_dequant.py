@@ -1,7 +1,7 @@
 """Throughput of GGUF dequantization to bfloat16, per quant type.
 
 Columns, all in GB/s of bf16 output and all measured in the same run:
-  ours     loaders/gguf_dequant.dequantize
+  ours     loaders/gguf/dequant.dequantize
   ref      gguf-py's numpy reference (then converted to a bf16 torch tensor)
   city96   ComfyUI-GGUF's dequant.py, best of its two dequant_dtype modes (bf16 math, or
            fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file.

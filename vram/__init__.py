@@ -51,7 +51,10 @@ def make_backend(kind, device_index=0, page_size=None):
 def get_pool(device="cpu", budget=None, headroom=None):
     """The process-wide pool for a torch device ('cpu' -> host backend, 'cuda:N' -> CUDA).
 
-    The host pool's budget defaults to ``VBAR_BUDGET`` (e.g. '8G'), else 8 GiB: a simulated card.
+    The first call for a device makes its pool, and only that call reads the environment: the
+    limit is ``budget``, else ``VBAR_BUDGET`` (e.g. '6G'), else the card's memory (CUDA) or
+    8 GiB (host: a simulated card); the headroom is ``headroom``, else ``VBAR_HEADROOM``, else 0.
+    Later calls return that pool, changing its budget only when given one.
     Returns None if the device's backend is unavailable (the caller streams everything).
     """
     key = str(device)
