@@ -6,12 +6,14 @@ import logging
 import os
 import threading
 
-from .errors import BackendError, BadCall, BudgetExceeded, ClosedError, PhysicalOOM, VramError
+from .errors import (AlreadyHeld, BackendError, BadCall, BudgetExceeded, ClosedError, NotHeld,
+                     NotPinned, PhysicalOOM, VramError, WrongVBAR)
 from .pool import Pool
 from .vbar import OFFLOADED, VBAR, Fault, Slot
 
 __all__ = ["Pool", "VBAR", "Slot", "Fault", "OFFLOADED", "VramError", "BadCall", "ClosedError",
-           "BackendError", "PhysicalOOM", "BudgetExceeded", "make_backend", "get_pool",
+           "BackendError", "PhysicalOOM", "BudgetExceeded", "WrongVBAR", "NotPinned", "NotHeld",
+           "AlreadyHeld", "make_backend", "get_pool",
            "reset_pools", "parse_bytes"]
 
 log = logging.getLogger("vbar")
