@@ -19,6 +19,9 @@ __all__ = ["Pool", "VBAR", "Slot", "Fault", "OFFLOADED", "VramError", "BadCall",
 log = logging.getLogger("vbar")
 _pools = {}
 _pools_lock = threading.Lock()
+# Devices whose CUDA backend failed to start, with why: a model load asks for the pool several
+# times (once per model part), and retrying a driver that said no only repeats the warning.
+_failed = {}
 
 
 def parse_bytes(text):
@@ -54,16 +57,22 @@ def get_pool(device="cpu", budget=None, headroom=None):
     """The process-wide pool for a torch device ('cpu' -> host backend, 'cuda:N' -> CUDA).
 
     The host pool's budget defaults to ``VBAR_BUDGET`` (e.g. '8G'), else 8 GiB: a simulated card.
-    Returns None if the device's backend is unavailable (the caller streams everything).
+    Returns None if the device's backend is unavailable (the caller streams everything). That
+    is decided once per device: the reason is logged the first time, and later calls return
+    None at once (``reset_pools`` forgets it).
     """
     key = str(device)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
+            if key in _failed:
+                return None
             if key.startswith("cuda"):
                 index = int(key.split(":")[1]) if ":" in key else 0
                 backend = make_backend("cuda", index)
                 if backend is None:
+                    _failed[key] = True
+                    log.info("VBAR: %s stays without a VBAR pool until restart (reason above)", key)
                     return None
             else:
                 backend = make_backend("host")
@@ -80,8 +89,9 @@ def get_pool(device="cpu", budget=None, headroom=None):
 
 
 def reset_pools():
-    """Close every pool (tests, shutdown)."""
+    """Close every pool and forget backends that failed to start (tests, shutdown)."""
     with _pools_lock:
         for pool in _pools.values():
             pool.close()
         _pools.clear()
+        _failed.clear()
