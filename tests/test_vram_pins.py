@@ -275,7 +275,7 @@ TestPinsFakeCuda = FakeCudaPinMachine.TestCase
 
 
 # --- the three misuses the issue reported, as plain examples ----------------------------------------
-@pytest.fixture(params=["host", "fake-cuda"])
+@pytest.fixture(params=["host", "fake-cuda", "cuda"])   # cuda: skipped without a device
 def two(request):
     backend = make_backend(request.param)
     ps = page_size_for(backend)
