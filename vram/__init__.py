@@ -6,17 +6,21 @@ import logging
 import os
 import threading
 
-from .errors import BackendError, BadCall, BudgetExceeded, ClosedError, PhysicalOOM, VramError
+from .errors import (AlreadyHeld, BackendError, BadCall, BudgetExceeded, ClosedError, NotHeld,
+                     NotPinned, PhysicalOOM, VramError, WrongVBAR)
 from .pool import Pool
 from .vbar import OFFLOADED, VBAR, Fault, Slot
 
 __all__ = ["Pool", "VBAR", "Slot", "Fault", "OFFLOADED", "VramError", "BadCall", "ClosedError",
-           "BackendError", "PhysicalOOM", "BudgetExceeded", "make_backend", "get_pool", "pools",
-           "parse_bytes"]
+           "BackendError", "PhysicalOOM", "BudgetExceeded", "WrongVBAR", "NotPinned", "NotHeld",
+           "AlreadyHeld", "make_backend", "get_pool", "pools", "reset_pools", "parse_bytes"]
 
 log = logging.getLogger("vbar")
 _pools = {}
 _pools_lock = threading.Lock()
+# Devices whose CUDA backend failed to start, with why: a model load asks for the pool several
+# times (once per model part), and retrying a driver that said no only repeats the warning.
+_failed = {}
 
 
 def parse_bytes(text, allow_zero=False):
@@ -55,16 +59,22 @@ def get_pool(device="cpu", budget=None, headroom=None):
     limit is ``budget``, else ``VBAR_BUDGET`` (e.g. '6G'), else the card's memory (CUDA) or
     8 GiB (host: a simulated card); the headroom is ``headroom``, else ``VBAR_HEADROOM``, else 0.
     Later calls return that pool, changing its budget only when given one.
-    Returns None if the device's backend is unavailable (the caller streams everything).
+    Returns None if the device's backend is unavailable (the caller streams everything). That
+    is decided once per device: the reason is logged the first time, and later calls return
+    None at once (``reset_pools`` forgets it).
     """
     key = str(device)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
+            if key in _failed:
+                return None
             if key.startswith("cuda"):
                 index = int(key.split(":")[1]) if ":" in key else 0
                 backend = make_backend("cuda", index)
                 if backend is None:
+                    _failed[key] = True
+                    log.info("VBAR: %s stays without a VBAR pool until restart (reason above)", key)
                     return None
             else:
                 backend = make_backend("host")
@@ -87,3 +97,12 @@ def pools():
     says so."""
     with _pools_lock:
         return dict(_pools)
+
+
+def reset_pools():
+    """Close every pool and forget backends that failed to start (tests, shutdown)."""
+    with _pools_lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()
+        _failed.clear()
