@@ -64,7 +64,7 @@ def run(width, layers, tokens, reps, new_backend=HostBackend):
             vbarize(model, store)
             if prefetch:
                 store.enable_prefetch(DEPTH)
-            assert torch.equal(model(x), ref)
+            assert torch.equal(model(x), ref), f"{fraction:.0%} resident: output differs from the plain model"
             model(x)
             built[fraction, prefetch] = (model, store, pool)
         src = torch.empty(total // 4)

@@ -22,7 +22,9 @@ section crashes or runs out of time); a missed speed goal shows as MISS and fail
 --strict. Without a CUDA device it says so and exits 0 at once: it probes the driver library
 with ctypes (cuInit, cuDeviceGetCount: no context, no memory) before importing anything heavy.
 ``--selftest`` runs the sections on tests/fake_cuda_driver.py and the CPU at tiny sizes, in
-this process; its numbers are host numbers and say nothing about a GPU (CI runs it).
+this process; its numbers are host numbers and say nothing about a GPU (CI runs it). With
+COMFYUI_PATH set, its comfy section runs the same workflows in a ComfyUI on the CPU (minutes).
+See docs/gpu_check.md for what each row and column means.
 """
 import argparse
 import ctypes
@@ -42,7 +44,7 @@ TESTS = ROOT / "tests"
 MARK = "GPU_CHECK_ROWS "
 TOTAL_LIMIT_S = 470              # the whole check, env probe included: under 8 minutes
 # Per section, sized for an H100/H200 with room to spare; the sum stays under TOTAL_LIMIT_S.
-LIMITS_S = {"env": 30, "conformance": 75, "p2": 30, "p4": 50, "gguf": 50, "nf4": 25, "comfy": 200}
+LIMITS_S = {"env": 20, "conformance": 75, "p2": 30, "p4": 50, "gguf": 60, "nf4": 25, "comfy": 200}
 SECTIONS = ["conformance", "p2", "p4", "gguf", "nf4", "comfy"]
 P4_GOAL = 1.15                   # step at 50 % resident with prefetch, over the overlap bound
 HIT_GOAL_US = 3.0                # fault+unpin of a resident 1-page slot
@@ -335,18 +337,19 @@ def section_nf4(ctx):
 
 def section_comfy(ctx):
     comfy = os.environ.get("COMFYUI_PATH")
-    if ctx.selftest:
-        return [row("comfy", "workflows on the GPU", "-", verdict="skip", note="not run by --selftest")]
     if not comfy:
-        return [row("comfy", "workflows on the GPU", "-", verdict="skip",
+        return [row("comfy", "ComfyUI workflows", "-", verdict="skip",
                     note="COMFYUI_PATH not set: ComfyUI workflows not run")]
-    return comfy_workflows(comfy)
+    # The selftest keeps ComfyUI on the CPU (--cpu, the host pool): the same workflows and
+    # comparisons, minutes long, for checking this section without a GPU.
+    return comfy_workflows(comfy, gpu=not ctx.selftest)
 
 
 # --- ComfyUI on the GPU -------------------------------------------------------------------
-# (name, workflow maker, VBAR budget in GB, model size it must be below, in GB)
-COMFY_CASES = [("SD1.5 checkpoint", "sd15", 0.03, 0.465), ("Flux safetensors", "flux", 0.5, 1.09),
-               ("Flux GGUF Q8_0", "flux_gguf", 0.25, 0.58)]
+# (name, workflow kind, VBAR budget in GB, the model's size in GB, its file = its VBARs' name)
+COMFY_CASES = [("SD1.5 checkpoint", "sd15", 0.03, 0.465, "tiny_sd15.safetensors"),
+               ("Flux safetensors", "flux", 0.5, 1.09, "tiny_flux.safetensors"),
+               ("Flux GGUF Q8_0", "flux_gguf", 0.25, 0.58, "tiny_flux_Q8_0.gguf")]
 
 
 def comfy_paths(comfy):
@@ -362,9 +365,9 @@ def comfy_paths(comfy):
     return harness, python, models
 
 
-def gpu_server(harness, comfy, python, models):
-    """The harness's ComfyServer, started without its --cpu flag (the harness has no option for
-    that; everything else, start-up, runs and stopping our own pid only, is the harness's)."""
+def comfy_server(harness, comfy, python, models, gpu):
+    """The harness's ComfyServer; for the GPU started without its --cpu flag (the harness has no
+    option for that; everything else, start-up, runs and stopping our own pid only, is its)."""
     sys.path.insert(0, harness)
     from harness import ComfyServer
 
@@ -372,7 +375,7 @@ def gpu_server(harness, comfy, python, models):
         def command(self, extra_paths):
             return [a for a in super().command(extra_paths) if a != "--cpu"]
 
-    srv = GpuServer(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python)
+    srv = (GpuServer if gpu else ComfyServer)(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python)
     srv.harness_dir = harness
     srv.start(timeout=120)
     failures = [f for f in srv.import_failures() if str(ROOT) in str(f) or ROOT.name in str(f)]
@@ -418,12 +421,19 @@ def comfy_workflow(srv, kind, vbar, budget):
     return wf
 
 
-def cuda_pool(srv):
+def vbar_counters(srv, model_file, gpu):
+    """Summed counters of the model's VBARs on a CUDA pool (the host pool without ``gpu``), its
+    text encoder and VAE too for a checkpoint, or None without such a pool. They count from the
+    model's load."""
     pools = srv.get("/vbar/stats")["pools"]
-    return next((v for k, v in pools.items() if k.startswith("cuda")), None)
+    pool = next((v for k, v in pools.items() if k.startswith("cuda" if gpu else "cpu")), None)
+    if pool is None:
+        return None
+    vbars = [v for v in pool["vbars"] if v["name"].startswith(model_file)]
+    return {k: sum(v[k] for v in vbars) for k in ("hits", "misses", "offloaded")}
 
 
-def comfy_workflows(comfy):
+def comfy_workflows(comfy, gpu=True):
     import shutil
 
     from comfy_env import ensure_models
@@ -435,31 +445,33 @@ def comfy_workflows(comfy):
     rows = []
     try:
         comfy_models(models, tmp)
-        srv = gpu_server(harness, comfy, python, tmp)
+        srv = comfy_server(harness, comfy, python, tmp, gpu)
         try:
-            for label, kind, budget, size in COMFY_CASES:
+            for label, kind, budget, size, model_file in COMFY_CASES:
                 stock = srv.run(comfy_workflow(srv, kind, False, budget), fresh_cache=True)
-                before = cuda_pool(srv) or {}
                 ours = srv.run(comfy_workflow(srv, kind, True, budget), fresh_cache=True)
-                after = cuda_pool(srv) or {}
-                streamed = after.get("offloaded", 0) - before.get("offloaded", 0)
-                hits = after.get("hits", 0) + after.get("misses", 0) - before.get("hits", 0) - before.get("misses", 0)
+                c = vbar_counters(srv, model_file, gpu)
                 measure = f"{label}, budget {budget:g} GB < {size:g} GB: wall s vs stock"
                 try:
                     same = digest(ours) == digest(stock)
                 except AssertionError as e:      # a run that did not succeed
                     rows.append(row("comfy", measure, "-", verdict="FAIL", note=f"{label}: {e}"))
                     continue
-                problems = ([] if same else ["the image differs from the stock loader's"]) + \
-                    ([] if after else ["no VBAR pool on a CUDA device (is cuda-python installed for "
-                                       f"{python}?)"]) + \
-                    ([] if streamed > 0 else ["nothing streamed: the budget did not bind"]) + \
-                    ([] if hits > 0 else ["no weight became resident"])
+                problems = [] if same else ["the image differs from the stock loader's"]
+                if c is None:
+                    problems.append(f"no VBAR pool on {'a CUDA device' if gpu else 'the CPU'} "
+                                    f"(cuda-python missing for {python}?)")
+                else:
+                    if not c["offloaded"]:
+                        problems.append("nothing streamed: the budget did not bind")
+                    if not c["hits"] + c["misses"]:
+                        problems.append("no weight was resident")
                 rows.append(row("comfy", measure, f"{ours.wall_seconds:.1f}", f"{stock.wall_seconds:.1f}",
                                 f"{ours.wall_seconds / stock.wall_seconds:.2f}x",
                                 "FAIL" if problems else "PASS",
                                 f"{label}: " + "; ".join(problems) if problems else
-                                f"{label}: image identical; {streamed} uses streamed, {hits} resident"))
+                                f"{label}: image identical; {c['offloaded']} uses streamed, "
+                                f"{c['hits'] + c['misses']} resident"))
         finally:
             srv.stop()
     finally:

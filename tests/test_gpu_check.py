@@ -83,7 +83,8 @@ def test_driver_probe(monkeypatch, lib, want):
     assert (why is None) if want[1] is None else (want[1] in why), why
 
 
-def test_selftest_runs_every_section_and_prints_real_numbers(capsys):
+def test_selftest_runs_every_section_and_prints_real_numbers(capsys, monkeypatch):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)   # workflows on the CPU take minutes
     argv = ["--selftest"] + (["--comfyui-gguf", CITY96] if os.path.isdir(CITY96) else [])
     rc = gpu_check.main(argv)
     out = capsys.readouterr().out
