@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --selftest      # the same sections on the fake driver / CPU
 
 Sections (each in a process of its own, with a time limit; all together under 8 minutes):
-  conformance  tests/test_vram_conformance.py and tests/test_vram_stateful.py, only their
+  conformance  tests/test_vram_conformance.py, test_vram_stateful.py and test_vram_pins.py, only their
                CUDA cases, under pytest against the real driver (pass/fail/skip counts)
   p2           VBAR hit and miss costs on the CUDA backend (bench_vram.py's functions)
   p4           step time at 50 % resident with the prefetcher (side stream) against the
@@ -159,7 +159,7 @@ def section_env(ctx):
                 note=", ".join(versions))]
 
 
-CONFORMANCE_FILES = ("test_vram_conformance.py", "test_vram_stateful.py")
+CONFORMANCE_FILES = ("test_vram_conformance.py", "test_vram_stateful.py", "test_vram_pins.py")
 # The selftest checks this section's plumbing, not the allocator (the unit suite runs every
 # fake-cuda case): a few quick cases keep it cheap in CI.
 SELFTEST_KEYWORD = "fake and (reserving or close_returns or bad_calls_are_typed)"
