@@ -7,14 +7,16 @@ from the same bf16 values (we expand to the weights' original bf16, then cast, a
 the reference's bf16 weights), so the images must be byte-identical.
 """
 import copy
+import json
 import os
+import subprocess
 
 import pytest
 import torch
 
 from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
-from comfy_env import add_budget, comfy_paths, ensure_models, start_server
+from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
 from test_comfyui_checkpoint import digest, load_wf
 
 pytestmark = pytest.mark.comfyui
@@ -248,3 +250,20 @@ def test_nf4_checkpoint_loader_matches_stock(server, stock):
     wf["1"]["inputs"]["single_blocks_cuda_size"] = 3
     r = server.run(wf)
     assert r.status == "rejected" and "has 1 double and 1 single blocks" in " ".join(r.errors)
+
+
+def test_quantize_on_load_reports_progress_and_stops_on_interrupt():
+    """In ComfyUI's interpreter: the interrupt flag set from the progress callback at step 3
+    stops quantize-on-load there (no timing involved); nothing is left reserved or pinned, the
+    owner's previous model keeps its pins; an uninterrupted load drives ComfyUI's progress bar
+    from 0 to the total. See comfy_nf4_interrupt_check.py."""
+    comfy, harness, python, models = comfy_paths()
+    ensure_models(harness, python, models, comfy)
+    write_nf4_files(models)
+    env = dict(os.environ, PYTHONPATH=os.path.join(harness, "torchvision_stub"),
+               COMFY_HARNESS_MODELS=models)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy_nf4_interrupt_check.py"), comfy, models],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["steps_before_interrupt"] == 3 and out["total_parameters"] > 500e6, out
