@@ -291,9 +291,9 @@ class VBARGGUFDiffusionModelLoader:
                            "target: dequantize straight into the compute dtype. Otherwise: "
                            "dequantize in this dtype, then cast."}),
             "patch_dtype": (_GGUF_DTYPES, {
-                "tooltip": "The dtype LoRA and other weight patches are applied in. "
-                           "default/target: the compute dtype (like ComfyUI's low-VRAM mode); "
-                           "float32 is the most precise."}),
+                "tooltip": "The dtype a LoRA-patched weight is kept in. default: the "
+                           "dtype ComfyUI would store it in (the same result as a stock load); "
+                           "target: the compute dtype; float32 is the most precise."}),
         },
             # Optional so that workflows saved before these inputs existed still load.
             "optional": _block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),

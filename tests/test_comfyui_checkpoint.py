@@ -14,7 +14,9 @@ from comfy_env import add_budget, comfy_paths, ensure_models, start_server
 pytestmark = pytest.mark.comfyui
 
 BUDGETS_GB = {"unlimited": 64.0, "half": 0.2, "tiny": 0.001}   # tiny < one page: all streams
-LORA = "vbar_test_lora.safetensors"
+LORA = "vbar_test_lora_unet_te.safetensors"
+TE_LAYERS = [f"lora_te_text_model_encoder_layers_0_self_attn_{p}_proj" for p in ("q", "k", "v", "out")]
+STRENGTH_CLIP = 0.6     # not 1.0: the patch must round exactly as ComfyUI's does
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,9 @@ def server():
 
 
 def write_lora(models):
+    """A kohya LoRA, rank 4: two UNet attention projections and the four attention projections
+    of CLIP-L's first layer (the text-encoder part is what a CLIP's patching must get right).
+    Written atomically: other test runs may read the shared models folder meanwhile."""
     from safetensors.torch import save_file
 
     from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
@@ -42,8 +47,14 @@ def write_lora(models):
         name = "lora_unet_" + k[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
         lora[name + ".lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.5
         lora[name + ".lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.5
-    os.makedirs(os.path.join(models, "loras"), exist_ok=True)
-    save_file(lora, os.path.join(models, "loras", LORA))
+    for name in TE_LAYERS:                      # CLIP-L: width 768
+        lora[name + ".lora_up.weight"] = torch.randn(768, 4, generator=g) * 0.5
+        lora[name + ".lora_down.weight"] = torch.randn(4, 768, generator=g) * 0.5
+    folder = os.path.join(models, "loras")
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{LORA}.{os.getpid()}.tmp")
+    save_file(lora, tmp)
+    os.replace(tmp, os.path.join(folder, LORA))
 
 
 def load_wf(srv, name):
@@ -68,25 +79,26 @@ def digest(result):
     return h.hexdigest()
 
 
-def with_lora(wf, model_ref, clip_ref):
+def with_lora(wf, model_ref, clip_ref, strength_model=1.0, strength_clip=STRENGTH_CLIP):
     wf = copy.deepcopy(wf)
     wf["90"] = {"class_type": "LoraLoader", "inputs": {
         "model": model_ref, "clip": clip_ref, "lora_name": LORA,
-        "strength_model": 1.0, "strength_clip": 1.0}}
+        "strength_model": strength_model, "strength_clip": strength_clip}}
     return wf
 
 
-def sd15(srv, vbar, budget=None, lora=False):
+def sd15(srv, vbar, budget=None, lora=False, strength_clip=STRENGTH_CLIP):
     wf = load_wf(srv, "sd15_tiny_api.json")
     if vbar:
         wf["1"]["class_type"] = "VBARCheckpointLoader"
     model, clip = ["1", 0], ["1", 1]
+    if budget is not None:
+        # Before the LoRA, so that the text encoders (which need the LoRA's CLIP) run under it too.
+        model = add_budget(wf, model, budget)
     if lora:
-        wf = with_lora(wf, model, clip)
+        wf = with_lora(wf, model, clip, strength_clip=strength_clip)
         model, clip = ["90", 0], ["90", 1]
         wf["2"]["inputs"]["clip"] = wf["3"]["inputs"]["clip"] = clip
-    if budget is not None:
-        model = add_budget(wf, model, budget)
     wf["5"]["inputs"]["model"] = model
     return wf
 
@@ -95,9 +107,23 @@ def stats(srv):
     return srv.get("/vbar/stats")["pools"]["cpu"]
 
 
+def newest_vbars(srv):
+    """{name: stats} of the VBAR each name had last: the highest-priority one (listed first).
+    Models of earlier prompts that ComfyUI has not freed yet keep VBARs of the same name."""
+    out = {}
+    for v in stats(srv)["vbars"]:
+        out.setdefault(v["name"], v)
+    return out
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
 def test_sd15_matches_stock_at_every_budget(server, lora):
+    """With the LoRA: UNet and text-encoder layers patched (strength_clip 0.6)."""
     stock = digest(server.run(sd15(server, False, lora=lora), fresh_cache=True))
+    if lora:
+        unet_only = digest(server.run(sd15(server, False, lora=True, strength_clip=0.0),
+                                      fresh_cache=True))
+        assert unet_only != stock, "the text-encoder part of the LoRA changes nothing: untested"
     for name, gb in BUDGETS_GB.items():
         got = digest(server.run(sd15(server, True, gb, lora=lora), fresh_cache=True))
         assert got == stock, f"budget {name}: image differs from ComfyUI's stock loader"
@@ -106,10 +132,10 @@ def test_sd15_matches_stock_at_every_budget(server, lora):
 def test_second_run_copies_nothing_for_resident_layers(server):
     wf = sd15(server, True, BUDGETS_GB["unlimited"])
     assert server.run(wf, fresh_cache=True).status == "success"
-    before = {v["name"]: v for v in stats(server)["vbars"]}
+    before = newest_vbars(server)
     wf["5"]["inputs"]["seed"] = 43        # only the sampler and decoder run again
     assert server.run(wf).status == "success"
-    after = {v["name"]: v for v in stats(server)["vbars"]}
+    after = newest_vbars(server)
     unet = "tiny_sd15.safetensors"
     b, a = before[unet], after[unet]
     detail = {k: (b[k], a[k]) for k in ("hits", "misses", "offloaded", "bytes_mapped", "evictions")}

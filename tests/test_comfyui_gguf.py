@@ -20,7 +20,7 @@ from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
 from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
 from gguf_helpers import convert_safetensors, write_reference_safetensors
-from test_comfyui_checkpoint import digest, load_wf, stats
+from test_comfyui_checkpoint import LORA as TE_LORA, STRENGTH_CLIP, digest, load_wf, stats, write_lora
 
 pytestmark = pytest.mark.comfyui
 
@@ -208,6 +208,34 @@ def test_clip_l_gguf_matches_stock(server):
     stock = run(server, sd15_with_clip(server, "CLIPLoader", "tiny_clip_l_Q8_0_ref.safetensors"))
     got = run(server, sd15_with_clip(server, "VBARGGUFCLIPLoader", "tiny_clip_l_Q8_0.gguf"))
     assert got == stock
+
+
+def test_clip_l_gguf_with_text_encoder_lora_matches_stock(server, models):
+    """A kohya LoRA with CLIP-L attention layers (strength_clip 0.6) on the GGUF CLIP: the
+    image of the stock CLIPLoader on the dequantized weights with the same LoRA, at an
+    unlimited, a partial and a tiny budget."""
+    write_lora(str(models))
+
+    def wf(loader, clip_name, budget=None):
+        w = sd15_with_clip(server, loader, clip_name)
+        model = ["1", 0]
+        if budget is not None:       # before the LoRA: the text encoder runs under it
+            model = add_budget(w, model, budget)
+        w["90"] = {"class_type": "LoraLoader", "inputs": {
+            "model": model, "clip": ["80", 0], "lora_name": TE_LORA,
+            "strength_model": 1.0, "strength_clip": STRENGTH_CLIP}}
+        w["2"]["inputs"]["clip"] = w["3"]["inputs"]["clip"] = ["90", 1]
+        w["5"]["inputs"]["model"] = ["90", 0]
+        return w
+
+    ref = "tiny_clip_l_Q8_0_ref.safetensors"
+    stock = run(server, wf("CLIPLoader", ref))
+    no_te = wf("CLIPLoader", ref)
+    no_te["90"]["inputs"]["strength_clip"] = 0.0
+    assert run(server, no_te) != stock, "the text-encoder LoRA changes nothing: untested"
+    for budget in (64.0, 0.05, 0.001):
+        got = run(server, wf("VBARGGUFCLIPLoader", "tiny_clip_l_Q8_0.gguf", budget))
+        assert got == stock, f"budget {budget} GB: image differs from the stock loader"
 
 
 def test_text_encoders_in_process(models, tmp_path):

@@ -7,15 +7,17 @@ from the same bf16 values (we expand to the weights' original bf16, then cast, a
 the reference's bf16 weights), so the images must be byte-identical.
 """
 import copy
+import json
 import os
+import subprocess
 
 import pytest
 import torch
 
 from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
-from comfy_env import add_budget, comfy_paths, ensure_models, start_server
-from test_comfyui_checkpoint import digest, load_wf
+from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
+from test_comfyui_checkpoint import BUDGETS_GB, digest, load_wf, sd15, write_lora
 
 pytestmark = pytest.mark.comfyui
 
@@ -32,6 +34,8 @@ def server():
     ensure_models(harness, python, models, comfy)
     write_nf4_files(models)
     write_nf4_checkpoint(models)
+    write_sd15_nf4_checkpoint(models)
+    write_lora(models)
     srv = start_server(harness, comfy, python, models)
     yield srv
     srv.stop()
@@ -76,6 +80,38 @@ def write_nf4_files(models):
 
 
 CKPT = "vbar_test_tiny_flux_nf4_v2_ckpt.safetensors"
+SD15_NF4 = "vbar_test_tiny_sd15_nf4_ckpt.safetensors"
+SD15_DEQUANT = "vbar_test_tiny_sd15_nf4_ckpt_dequantized.safetensors"
+
+
+def write_sd15_nf4_checkpoint(models):
+    """tiny_sd15 with its UNet's Linear weights in NF4 (v2) and its CLIP-L and VAE as they are
+    (float16): an NF4 checkpoint with a text encoder, which the harness's Flux cannot have (no
+    tiny T5). Plus its dequantized twin, the stock reference. Written atomically, kept (tagged)."""
+    from safetensors.torch import save_file
+
+    from vbar_loaders.loaders.nf4.codec import dequantize_nf4, nf4_state_dict_entries, parse_quant_state
+    from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile
+
+    folder = os.path.join(models, "checkpoints")
+    paths = [os.path.join(folder, n) for n in (SD15_NF4, SD15_DEQUANT)]
+    if all(_fresh(p) for p in paths):
+        return
+    src = SafetensorsFile(os.path.join(folder, "tiny_sd15.safetensors"))
+    nf4, deq = {}, {}
+    for k in src.keys():
+        t = src.get_tensor(k)
+        if k.startswith("model.diffusion_model.") and k.endswith(".weight") and t.ndim == 2:
+            prefix = k[: -len(".weight")]
+            entries = nf4_state_dict_entries(prefix, t)
+            nf4.update(entries)
+            deq[k] = dequantize_nf4(parse_quant_state(entries, prefix, paths[0]), t.dtype)
+        else:
+            nf4[k] = deq[k] = t.clone()
+    for path, sd in zip(paths, (nf4, deq)):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        save_file(sd, tmp, metadata={"vbar_test": TAG})
+        os.replace(tmp, path)
 
 
 def write_nf4_checkpoint(models):
@@ -248,3 +284,40 @@ def test_nf4_checkpoint_loader_matches_stock(server, stock):
     wf["1"]["inputs"]["single_blocks_cuda_size"] = 3
     r = server.run(wf)
     assert r.status == "rejected" and "has 1 double and 1 single blocks" in " ".join(r.errors)
+
+
+def test_quantize_on_load_reports_progress_and_stops_on_interrupt():
+    """In ComfyUI's interpreter: the interrupt flag set from the progress callback at step 3
+    stops quantize-on-load there (no timing involved); nothing is left reserved or pinned, the
+    owner's previous model keeps its pins; an uninterrupted load drives ComfyUI's progress bar
+    from 0 to the total. See comfy_nf4_interrupt_check.py."""
+    comfy, harness, python, models = comfy_paths()
+    ensure_models(harness, python, models, comfy)
+    write_nf4_files(models)
+    env = dict(os.environ, PYTHONPATH=os.path.join(harness, "torchvision_stub"),
+               COMFY_HARNESS_MODELS=models)
+    r = subprocess.run([python, str(ROOT / "tests" / "comfy_nf4_interrupt_check.py"), comfy, models],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["steps_before_interrupt"] == 3 and out["total_parameters"] > 500e6, out
+
+
+def test_nf4_checkpoint_clip_with_text_encoder_lora_matches_stock(server):
+    """The NF4 checkpoint loader's CLIP (and its NF4 UNet) with a LoRA on both (text-encoder
+    layers at strength_clip 0.6): the stock checkpoint loader's image on the dequantized twin,
+    at every budget."""
+    def wf(vbar, budget=None):
+        w = sd15(server, False, budget, lora=True)
+        if vbar:
+            w["1"] = {"class_type": "VBARNF4CheckpointLoader", "inputs": {
+                "ckpt_name": SD15_NF4, "double_blocks_cuda_size": 0, "single_blocks_cuda_size": 0}}
+        else:
+            w["1"]["inputs"]["ckpt_name"] = SD15_DEQUANT
+        return w
+
+    stock = digest(server.run(wf(False), fresh_cache=True))
+    for name, gb in BUDGETS_GB.items():
+        got = digest(server.run(wf(True, gb), fresh_cache=True))
+        assert got == stock, f"budget {name}: image differs from the stock loader"
+    server.run(wf(True, 64.0), fresh_cache=True)           # leave the budget open

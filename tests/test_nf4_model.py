@@ -468,3 +468,29 @@ def test_logical_state_dict_describes_the_unquantized_model():
         assert t.is_meta == (k[: -len(".weight")] in weights)
     assert sum(t.numel() for t in logical.values()) == sum(t.numel() for t in plain.values())
     assert math.prod(weights["img_in"].shape) == 64 * H
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_quantize_linears_reports_progress_in_parameters_and_stops_when_it_raises():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.Linear(64, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    out = quantize_linears(model, progress=lambda done, total: seen.append((done, total)))
+    total = 64 * 128 + 128 * 64 + 64 * 32
+    assert seen == [(0, total), (8192, total), (16384, total), (total, total)]
+    assert sorted(out) == ["0", "2", "3"]
+
+    calls = []
+
+    def interrupt_at_two(done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise _Stop
+    with pytest.raises(_Stop):
+        quantize_linears(model, progress=interrupt_at_two)
+    assert calls == [0, 8192]     # stopped right there: the other layers were not quantized
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

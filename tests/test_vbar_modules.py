@@ -170,6 +170,53 @@ def test_patches_are_applied_and_cached_while_resident():
         pool.close()
 
 
+class _StoredPatch:
+    """Stands for the ComfyUI patcher's patch (loaders/comfyui/lora.py): marked to receive the
+    weight in the dtype it is stored in, and to return it in that dtype."""
+    vbar_on_stored = True
+
+    def __init__(self, delta):
+        self.delta, self.seen = delta, []
+
+    def __call__(self, w):
+        self.seen.append(w.dtype)
+        return (w.float() + self.delta).to(w.dtype)
+
+
+@pytest.mark.parametrize("budget", [8 << 20, PAGE], ids=["resident", "streamed"])
+def test_stored_dtype_patches_round_to_the_stored_dtype_then_cast(budget):
+    """A float16 weight computing in float32 (ComfyUI's CLIP on a CPU): the patcher's patch
+    sees the float16 weight and its float16 result is what the layer casts; while resident it
+    is computed once and kept in the slot. A weight wrapper after it sees the float32 weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 256).half()
+    lin.vbar_store_dtype = torch.float16
+    x = torch.randn(3, 256)
+    delta = torch.randn(256, 256) * 0.01
+    wrapped = []
+
+    def wrapper(w):
+        wrapped.append(w.dtype)
+        return w.mul_(2)
+
+    patch = _StoredPatch(delta)
+    m = copy.deepcopy(lin)
+    pool = Pool(HostBackend(), budget=budget)
+    vbarize(m, WeightStore("m", pool, page_size=PAGE))
+    m.weight_function = [patch, wrapper]
+    m.vbar_patch_key = "lora-1"
+    want_w = (lin.weight.float() + delta).half().float() * 2   # rounded to float16, then cast
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, want_w, lin.bias.float())
+        for _ in range(3):
+            assert torch.equal(m(x), want)
+    assert set(patch.seen) == {torch.float16} and set(wrapped) == {torch.float32}
+    assert len(patch.seen) == (1 if budget > PAGE else 3)
+    assert len(wrapped) == 3
+    assert torch.equal(m.weight, lin.weight)    # the source is never written
+    pool.close()
+
+
 def test_to_does_not_move_vbar_weights():
     m = Block()
     pool = Pool(HostBackend(), budget=8 << 20)

@@ -68,8 +68,9 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
 
     ``dequant_dtype``: "default" = the dtype ComfyUI would store the weights in (a stock load of
     the dequantized weights computes the same), "target" = the compute dtype directly, or
-    float32/float16/bfloat16. ``patch_dtype``: the dtype LoRA and other weight patches are
-    applied in ("default"/"target": the compute dtype, as ComfyUI's low-VRAM mode does).
+    float32/float16/bfloat16. ``patch_dtype``: the dtype a LoRA-patched weight is held in
+    ("default": the dtype ComfyUI would store it in, so the result is a stock load's; "target":
+    the compute dtype; the patch itself is computed as ComfyUI computes it, see comfyui/lora.py).
     ``double_blocks``/``single_blocks``: the first N double / M single Flux blocks are pinned
     resident (their quantized bytes); ``owner``: a token for the caller, whose previous load's
     pins are released."""
@@ -80,7 +81,6 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
 
     dq = choice_dtype(dequant_dtype, "dequant_dtype")
     pd = choice_dtype(patch_dtype, "patch_dtype")
-    pd = None if pd == "target" else pd      # both mean: the dtype the layer computes in
     gf = GGUFFile(path)
     arch = gf.architecture
     if arch in TEXT_ARCHS:

@@ -1,10 +1,11 @@
 """A ModelPatcher for VBAR-backed models: ComfyUI's memory manager sees true numbers, never
 moves the weights itself, and frees memory by evicting pages.
 
-Weight patches (LoRA and friends) reach our layers the way ComfyUI's own low-VRAM mode applies
-them: a ``LowVramPatch`` per patched weight in the layer's ``weight_function`` list. Our layers
-apply them to a private copy after the fault and keep the result in the resident slot (for a
-quantized weight: in the store's patch VBAR) until the patch set (``patches_uuid``) changes.
+Weight patches (LoRA and friends) reach our layers in the layer's ``weight_function`` list, as
+in ComfyUI's own low-VRAM mode, but computed as a stock *full* load computes them (see lora.py:
+``StoredWeightPatch``). Our layers apply them to a private copy after the fault and keep the
+result in the resident slot (for a quantized weight: in the store's patch VBAR) until the patch
+set (``patches_uuid``) changes.
 """
 import functools
 import logging
@@ -24,6 +25,7 @@ def patcher_class():
         return _cls
     import comfy.model_patcher as mp
 
+    from .lora import StoredWeightPatch
     from ..runtime.vbar_modules import VbarLayer
 
     class VbarModelPatcher(mp.ModelPatcher):
@@ -70,7 +72,7 @@ def patcher_class():
                     for pname, lst in lists.items():
                         key = f"{name}.{pname}"
                         if key in self.patches:
-                            lst.append(_low_vram_patch(mp, self.model, key, self.patches))
+                            lst.append(StoredWeightPatch(key, self.patches))
                             count += 1
                         lst.extend(self.weight_wrapper_patches.get(key, []))
                     m.weight_function, m.bias_function = lists["weight"], lists["bias"]

@@ -304,8 +304,8 @@ def _source_adder(p):
 
 
 def set_patch_dtype(module, dtype):
-    """LoRA and other patches on quantized weights are computed in ``dtype`` (None: the dtype
-    the layer computes in)."""
+    """LoRA and other patches on quantized weights are held in ``dtype`` (None: the dtype
+    ComfyUI would store the weight in; "target": the dtype the layer computes in)."""
     for m in module.modules():
         handles = getattr(m, "_vbar_handles", None) or {}
         if any(h.decode is not None for h in handles.values()):

@@ -68,15 +68,19 @@ def split_nf4_state_dict(sd, path):
 
 
 def quantize_linears(model, include=None, blocksize=64, compress_statistics=False,
-                     quant_type="nf4", device=None):
+                     quant_type="nf4", device=None, progress=None):
     """Quantize every float Linear weight of ``model`` ({name: NF4Weight}, host tensors).
 
     The layout is bitsandbytes' (v2 when ``compress_statistics`` is False: fp32 absmax),
     identical to what ``nf4_state_dict_entries`` would write into a file. ``device``: where to
     run the quantizer (CUDA is ~100x faster than the CPU); results come back to the host.
+    ``progress(done, total)``: called before the first weight and after each one, in
+    parameters; it may raise to stop (e.g. the user interrupted), and then nothing is returned:
+    the model is left as it was (its weights are only read).
     """
     out = {}
     skipped = set()
+    todo = []
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.Linear) or (include is not None and not include(name, m)):
             continue
@@ -86,6 +90,11 @@ def quantize_linears(model, include=None, blocksize=64, compress_statistics=Fals
         if w.dtype not in FLOAT_DTYPES:
             skipped.add(str(w.dtype))
             continue
+        todo.append((name, w))
+    total, done = sum(w.numel() for _, w in todo), 0
+    if progress is not None:
+        progress(0, total)
+    for name, w in todo:
         src = w.detach().to(device) if device is not None else w.detach()
         q = quantize_nf4(src, blocksize=blocksize, compress_statistics=compress_statistics,
                          quant_type=quant_type, prefix=name)
@@ -95,6 +104,9 @@ def quantize_linears(model, include=None, blocksize=64, compress_statistics=Fals
                                     nested_absmax=None if not q.nested else q.nested_absmax.cpu(),
                                     nested_quant_map=None if not q.nested else q.nested_quant_map.cpu())
         out[name] = q
+        done += w.numel()
+        if progress is not None:
+            progress(done, total)
     if skipped:
         log.warning("quantize on load: Linear weights stored as %s were left as they are "
                     "(only float32/float16/bfloat16 are quantized)", ", ".join(sorted(skipped)))

@@ -24,8 +24,10 @@ def _param(m, name, device, dtype):
     # (ComfyUI's patcher sets <name>_function on the instance, its ops classes default it).
     fname = _PATCH_LISTS[name]
     patches = m.__dict__.get(fname) or getattr(type(m), fname, None) or None
+    if patches and getattr(patches[0], "vbar_on_stored", False):
+        return _patched_as_stored(m, h, device, dtype, patches)
     patch_dtype = m.vbar_patch_dtype
-    if patches and patch_dtype is not None and patch_dtype != dtype:
+    if patches and isinstance(patch_dtype, torch.dtype) and patch_dtype != dtype:
         # Loader option: patches (LoRA) computed in a chosen dtype, e.g. float32 on bf16.
         return _cast(m._vbar_store.use(h, device, patch_dtype, patches, m.vbar_patch_key), dtype)
     return m._vbar_store.use(h, device, dtype, patches, m.vbar_patch_key)
@@ -34,10 +36,33 @@ def _param(m, name, device, dtype):
 _PATCH_LISTS = {"weight": "weight_function", "bias": "bias_function"}
 
 
+def _patched_as_stored(m, h, device, dtype, patches):
+    """The patcher's patch (first in the list, see loaders/comfyui/lora.py) is applied to the
+    weight in the dtype ComfyUI stores it in, as a stock full load patches it, and the store
+    keeps that result; the cast to the compute dtype comes after. Later entries (ComfyUI's
+    weight wrappers) see the cast weight, as in ComfyUI's ops. ``vbar_patch_dtype`` (loader
+    option) overrides the held dtype: a torch dtype, or "target" for the compute dtype."""
+    held = m.vbar_patch_dtype
+    if held is None:
+        held = h.store_dtype if h.decode is None else getattr(m, "vbar_store_dtype", None)
+        if not isinstance(held, torch.dtype) or not held.is_floating_point:
+            held = dtype
+    elif held == "target":
+        held = dtype
+    return _cast(m._vbar_store.use(h, device, held, patches[:1], m.vbar_patch_key), dtype,
+                 patches[1:])
+
+
 @contextlib.contextmanager
-def _cast(ctx, dtype):
+def _cast(ctx, dtype, after=()):
     with ctx as w:
-        yield w.to(dtype)
+        out = w.to(dtype)
+        if after:
+            if out.data_ptr() == w.data_ptr():
+                out = out.clone()       # never let a wrapper write into a cached slot
+            for f in after:
+                out = f(out)
+        yield out
 
 
 def _linear(m, x):
