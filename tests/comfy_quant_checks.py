@@ -8,6 +8,7 @@ import sys
 
 ARGS = list(sys.argv)
 comfy_dir, work, models = ARGS[1], ARGS[2], ARGS[3]
+os.makedirs(work, exist_ok=True)
 only = set(ARGS[4].split(",")) if len(ARGS) > 4 and ARGS[4] else None
 from comfy_boot import boot  # noqa: E402
 
@@ -27,6 +28,7 @@ from vbar_loaders.loaders.errors import QuantError  # noqa: E402
 from vbar_loaders.vram import get_pool  # noqa: E402
 
 KIND = quant.flavor()
+NATIVE_EXPECTED = ()
 BUDGETS = {"unlimited": 64 << 30, "tiny": 1 << 20}
 pool = get_pool("cpu", budget=BUDGETS["unlimited"])
 
@@ -91,6 +93,11 @@ def stored_bytes_check(name, model, path, prefix):
         if got != want:
             bad.append((k, got, want))
     check(f"{name}: VBAR holds the stored bytes of {len(layers)} quantized layers", not bad, bad)
+    native = sorted(n for n, mod in model.model.diffusion_model.named_modules()
+                    if getattr(mod, "vbar_native", False))
+    if NATIVE_EXPECTED:
+        check(f"{name}: layers on ComfyUI's quantized matmul path: {', '.join(native)}",
+              set(NATIVE_EXPECTED) <= set(native), native)
 
 
 def compare(name, path, kind, lora=None, prefix=""):
@@ -121,6 +128,69 @@ def want(case):
     return only is None or case in only
 
 
+def refused(name, fn, *words):
+    try:
+        fn()
+    except QuantError as e:
+        msg = str(e)
+        check(name, all(w in msg for w in words), msg)
+        return
+    raise AssertionError(f"{name}: not refused")
+
+
+if want("errors") and KIND == "mixed":
+    from vbar_loaders.loaders.quant.comfy_quant import QuantLayer
+
+    def layer(fmt, shape=(32, 256), **edit):
+        t = qh.quantize_comfy(torch.randn(shape).bfloat16(), fmt)
+        w = t.pop("weight")
+        t.pop("comfy_quant")
+        tensors = {"weight_" + k[len("weight_"):] if k.startswith("weight_") else k: v
+                   for k, v in t.items()}
+        for k, v in edit.items():
+            if v is None:
+                tensors.pop(k, None)
+            elif k == "weight":
+                w = v
+            else:
+                tensors[k] = v
+        return QuantLayer("blocks.3.lin", {"format": fmt}, w, tensors, "comfy_quant")
+
+    P = "/m/bad.safetensors"
+    for fmt in ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"):
+        quant._check_layer(layer(fmt), (32, 256), P)
+    check("well-formed layers of every format pass the shape checks", True)
+    cases = [
+        ("nvfp4 block scale of the wrong shape", layer("nvfp4", weight_scale=torch.zeros(4, 4, dtype=torch.float8_e4m3fn)), "weight_scale"),
+        ("nvfp4 without weight_scale_2", layer("nvfp4", weight_scale_2=None), "weight_scale_2"),
+        ("mxfp8 block scale of 2-byte values", layer("mxfp8", weight_scale=torch.zeros(128, 4, dtype=torch.float16)), "weight_scale"),
+        ("fp8 scale with 2 values", layer("float8_e4m3fn", weight_scale=torch.ones(2)), "weight_scale"),
+        ("int8 scale that is an integer", layer("int8_tensorwise", weight_scale=torch.ones((), dtype=torch.int32)), "weight_scale"),
+        ("fp8 weight stored as bf16", layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
+        ("nvfp4 weight for another shape", layer("nvfp4", (64, 256)), "weight"),
+        ("convrot on a width its layout cannot hold", layer("int8_tensorwise", (32, 96)), "weight"),
+    ]
+    for name, L, comp in cases:
+        shape = (32, 96) if "width" in name else (32, 256)
+        if "width" in name:
+            L.conf = {"format": "convrot_w4a4"}
+        refused(f"refused: {name}", lambda: quant._check_layer(L, shape, P), P,
+                "blocks.3.lin", L.format, comp)
+    sd = {"a.weight": torch.zeros(32, 128, dtype=torch.int8), "a.weight_s_rel": torch.zeros(32, 16),
+          "a.comfy_quant": qh.encode_conf({"format": "asym_w4a8_int8"})}
+    refused("asym_w4a8_int8 (not loaded yet) is refused by layer and format",
+            lambda: quant.prepare(sd, P, None), P, "'a'", "asym_w4a8_int8", "stock loader")
+    sd["a.comfy_quant"] = qh.encode_conf({"format": "float4_imaginary"})
+    refused("a format ComfyUI does not define is refused", lambda: quant.prepare(sd, P, None),
+            P, "'a'", "float4_imaginary", "does not define")
+    sd = {"cond_stage_model.x.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
+          "cond_stage_model.x.comfy_quant": qh.encode_conf({"format": "float8_e4m3fn"}),
+          "model.diffusion_model.y.weight": torch.zeros(4, 4)}
+    refused("a quantized text-encoder layer is refused",
+            lambda: quant.prepare(sd, P, None, model_prefix="model.diffusion_model."),
+            P, "cond_stage_model.x", "text encoder")
+
+
 flux_src = load_file(os.path.join(models, "diffusion_models", "tiny_flux.safetensors"))
 flux_lora_layers = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0",
                     "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1",
@@ -131,6 +201,19 @@ if want("flux_scaled"):
     p = os.path.join(work, "flux_scaled_fp8.safetensors")
     save_file(qh.scaled_fp8_state_dict(flux_src, qh.SCALED_FLUX), p)
     compare("flux scaled_fp8", p, "flux", flux_lora)
+
+if want("flux_native_fp8") and KIND == "mixed":
+    # ComfyUI's fp8 matmul path (quantized input, QuantizedTensor F.linear), which it takes on
+    # fp8-capable CUDA cards, forced on here through its own switch (SUPPORT_FP8_OPS, set by
+    # --supports-fp8-compute) so both loaders take it on the CPU.
+    mm.SUPPORT_FP8_OPS = True
+    NATIVE_EXPECTED = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj")
+    p = os.path.join(work, "flux_comfy_quant_fp8.safetensors")
+    plan = {k: v for k, v in qh.FLUX_PLAN.items() if v["format"].startswith("float8")}
+    save_file(qh.quantize_state_dict(flux_src, plan), p)
+    compare("flux fp8 on ComfyUI's fp8 matmul path", p, "flux", flux_lora)
+    mm.SUPPORT_FP8_OPS = False
+    NATIVE_EXPECTED = ()
 
 if want("flux_mixed"):
     p = os.path.join(work, "flux_comfy_quant.safetensors")

@@ -79,7 +79,9 @@ def _quantized(sd, path, metadata):
     from . import quant
     from .nf4 import _unet_prefix
 
-    prep = quant.prepare(sd, path, metadata, model_prefix=_unet_prefix(sd) if sd else "")
+    prefix = _unet_prefix(sd) if sd else ""
+    prep = quant.prepare(sd, path, metadata, model_prefix=prefix)
+    prep.prefix = prefix          # ComfyUI pops the model's keys from the dict as it loads
     if prep:
         log.info("%s: quantized layers: %s", os.path.basename(str(path)), quant.describe(prep))
     return prep.logical, prep
@@ -87,11 +89,10 @@ def _quantized(sd, path, metadata):
 
 def _attach_quantized(patcher, prep):
     from . import quant
-    from .nf4 import _unet_prefix
 
     if not prep:
         return
-    prefix = _unet_prefix(prep.logical)
+    prefix = prep.prefix
     if prep.kind == "mixed":
         quant.mixed_dtypes(patcher.model)
         quant.attach_mixed(patcher.model.diffusion_model, prep, prefix, patcher.load_device)
