@@ -246,6 +246,19 @@ if want("sd15_mixed") and KIND == "mixed":
     p = os.path.join(work, "sd15_comfy_quant.safetensors")
     save_file(qh.quantize_state_dict(sd15_src, qh.SD15_PLAN, prefix=qh.SD15_PREFIX), p)
     compare("sd15 checkpoint comfy_quant", p, "sd15", sd15_lora, prefix=qh.SD15_PREFIX)
+    # SD1.5's proj_in is a 1x1 Conv2d: ComfyUI quantizes Linear layers only (its stock loader
+    # would ignore the scale and compute garbage); the VBAR loader names the layer instead.
+    conv = "input_blocks.1.1.proj_in"
+    sd = dict(sd15_src)
+    w = sd.pop(qh.SD15_PREFIX + conv + ".weight")
+    sd[qh.SD15_PREFIX + conv + ".weight"] = w.to(torch.float8_e4m3fn)
+    sd[qh.SD15_PREFIX + conv + ".weight_scale"] = torch.tensor(1.0)
+    sd[qh.SD15_PREFIX + conv + ".comfy_quant"] = qh.encode_conf({"format": "float8_e4m3fn"})
+    p = os.path.join(work, "sd15_conv_quant.safetensors")
+    save_file(sd, p)
+    del sd
+    refused("a quantized Conv2d is refused by layer", lambda: load_checkpoint(p), p,
+            conv, "float8_e4m3fn", "Conv2d")
 del sd15_src
 free()
 print("ALL OK")

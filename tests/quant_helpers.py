@@ -27,8 +27,8 @@ SD15_PLAN = {
     "input_blocks.1.1.transformer_blocks.0.attn1.to_q": {"format": "float8_e4m3fn"},
     "input_blocks.1.1.transformer_blocks.0.ff.net.2": {"format": "nvfp4"},
     "middle_block.1.transformer_blocks.0.attn1.to_out.0": {"format": "mxfp8"},
-    "output_blocks.3.1.transformer_blocks.0.attn1.to_v": {"format": "int8_tensorwise"},
-    "output_blocks.3.1.proj_in": {"format": "float8_e5m2"},
+    "output_blocks.1.1.transformer_blocks.0.attn1.to_v": {"format": "int8_tensorwise"},
+    "output_blocks.0.1.transformer_blocks.0.ff.net.2": {"format": "float8_e5m2"},
 }
 SCALED_FLUX = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.2",
                "single_blocks.0.linear1", "final_layer.linear")
