@@ -44,6 +44,7 @@ def free():
     gc.collect()
 
 
+@torch.inference_mode()     # as ComfyUI's executor runs a prompt
 def sample(model, kind):
     g = torch.Generator().manual_seed(0)
     if kind == "flux":
