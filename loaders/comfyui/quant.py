@@ -20,19 +20,16 @@ Imports ComfyUI only inside functions.
 """
 import functools
 import logging
-import os
 import types
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import QuantError
-from ..quant.comfy_quant import MARKER, find_layers, logical_state_dict
+from ..quant.comfy_quant import find_layers, logical_state_dict
 
 log = logging.getLogger("vbar")
 
-# Companions a layout keeps as whole-tensor slots in the VBAR (the rest are scalars or tiny).
-_SCALAR = 1
 
 
 def flavor():
@@ -225,7 +222,8 @@ class ComfyQuantDecoder:
         else:
             t = self.small.get((device, field))
             if t is None:
-                t = self.small[(device, field)] = self.layer.tensors[comp].to(device)
+                # A copy, also on the host: never keep a view of the file's mapping.
+                t = self.small[(device, field)] = self.layer.tensors[comp].to(device, copy=True)
         return t.view(view) if view is not None else t
 
     def tensor(self, raw, orig_dtype, keep=False):
@@ -323,7 +321,7 @@ def _source(layer, fields, compute_dtype, shape):
         h = store.add(key, layer.weight, decode=dec, shape=dec.shape, hold=hold)
         for field, (comp, _) in fields.items():
             t = layer.tensors[comp]
-            if t.numel() > _SCALAR:   # block scales: their own slot, right after the data
+            if t.numel() > 1:   # block scales: their own slot, right after the data
                 dec.slots[field] = store.add(f"{key}.{comp}", t.reshape(-1) if t.dim() == 0 else t,
                                              store_dtype=t.dtype, hold=hold)
         return h
@@ -422,16 +420,8 @@ def _scaled_linear(m, x, plain):
         return F.linear(x * s, w, b)
 
 
-def has_marker(sd):
-    return any(k == MARKER or k.endswith("." + MARKER) for k in sd)
-
-
 def describe(prep):
     fmts = {}
     for L in prep.layers.values():
         fmts[L.format] = fmts.get(L.format, 0) + 1
     return ", ".join(f"{k} ({v})" for k, v in sorted(fmts.items()))
-
-
-def path_name(path):
-    return os.path.basename(str(path))
