@@ -101,6 +101,7 @@ def stored_bytes_check(name, model, path, prefix):
               set(NATIVE_EXPECTED) <= set(native), native)
 
 
+@torch.inference_mode()     # ComfyUI runs every node (loaders too) in inference mode
 def compare(name, path, kind, lora=None, prefix=""):
     for use_lora in ([False, True] if lora else [False]):
         tag = f"{name}{' +LoRA' if use_lora else ''}"
