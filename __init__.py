@@ -1,6 +1,7 @@
 """vbar-loaders: run big diffusion models on small GPUs by faulting weights into VRAM on demand.
 
-Importing registers the nodes and nothing else: no CUDA initialisation, no model code.
+Importing defines the nodes and, inside a running ComfyUI, adds the GET /vbar/stats route and
+starts the live panel's daemon thread (routes.py). It initialises no CUDA and loads no model code.
 """
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .routes import register as _register_routes

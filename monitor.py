@@ -29,17 +29,11 @@ _previous = {}          # key -> the snapshot the monitor saw last, for 'bytes m
 _previous_lock = threading.Lock()
 
 
-def current_pools():
-    from .vram import _pools, _pools_lock
-
-    with _pools_lock:
-        return dict(_pools)
-
-
 def take_report(pools=None, key="node"):
-    """(snapshot, text). The text's 'moved in'/'streamed' count since the previous call with the
-    same ``key``; that previous snapshot is replaced by this one."""
-    snap = report.collect(current_pools() if pools is None else pools)
+    """(snapshot, text) of ``pools`` (default: every pool, ``vram.pools()``). The text's
+    'moved in'/'streamed' count since the previous call with the same ``key``; that previous
+    snapshot is replaced by this one."""
+    snap = report.collect(pools)
     with _previous_lock:
         prev = _previous.get(key)
         _previous[key] = snap

@@ -69,16 +69,21 @@ class VBARDiffusionModelLoader:
 
 class VBARSetBudget:
     DESCRIPTION = ("Limits how much VRAM VBAR-loaded models may keep resident on the device this "
-                   "model runs on. Layers beyond the budget stream through a temporary copy.")
+                   "model runs on: every VBAR model on that device, until the budget is set again. "
+                   "Layers beyond the budget stream through a temporary copy.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL",),
             "budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
-                                    "tooltip": "0 = the whole device (on CPU: VBAR_BUDGET or 8 GB)."}),
+                                    "tooltip": "0 = the whole card (this lifts a VBAR_BUDGET limit too). "
+                                               "On a CPU-only ComfyUI, which has no card, 0 keeps "
+                                               "the budget the pool has (VBAR_BUDGET, else 8 GB, "
+                                               "until a budget is set)."}),
             "headroom_gb": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.25,
-                                      "tooltip": "Kept free for activations and other programs."}),
+                                      "tooltip": "Taken off the budget (or the card), kept free for "
+                                                  "activations and other programs."}),
         }}
 
     RETURN_TYPES = ("MODEL",)
@@ -94,13 +99,13 @@ class VBARSetBudget:
                                f"(e.g. cuda-python is not installed)")
         budget = int(budget_gb * (1 << 30)) or None
         if budget is None and pool.backend.capacity() is None:
-            budget = pool._budget
+            budget = pool.limit
         pool.set_budget(budget, int(headroom_gb * (1 << 30)))
         log.info("VBAR budget on %s: %.2f GB usable", model.load_device, pool.budget() / 2**30)
         return (model,)
 
 
-# --- VBAR VRAM Monitor (issue 6) ------------------------------------------------------------
+# --- VBAR VRAM Monitor -----------------------------------------------------------------------
 from .monitor import ANY as _ANY  # noqa: E402 - the socket type is needed when the class is made
 
 
@@ -271,7 +276,7 @@ def _clip_options(device):
 
 class VBARGGUFDiffusionModelLoader:
     DESCRIPTION = ("Loads a GGUF diffusion model (Flux, SD1.x, SDXL, SD3 ...). The VRAM budget "
-                   "holds the quantized bytes, 4-8x smaller than bf16, so far more of the model "
+                   "holds the quantized bytes (Q8_0 to Q2_K: 2-6x smaller than bf16), so far more of the model "
                    "stays resident; each layer is dequantized on the device as it runs. For Flux, "
                    "the first double/single blocks can be pinned resident.")
 

@@ -5,11 +5,11 @@ memory. This times the passes the fastest sequences are made of, on one cache-si
 of 2^19 values (as the pack's CPU kernels work), and sets them against the reference each
 goal names, measured in the same run:
 
-  Q8_0 (issue 4: >= 2x ComfyUI-GGUF): any method reads int8 quants, scales them per block
+  Q8_0 (P5 goal: >= 2x ComfyUI-GGUF): any method reads int8 quants, scales them per block
        and writes bf16. ComfyUI-GGUF already does it in the two cheapest ops (int8 -> bf16,
        then a bf16 multiply). CPU kernels fuse nothing, and an op whose operands differ in
        dtype first copies them to a common dtype, so no single op does both.
-  NF4  (issue 5: pure torch >= 0.5x bitsandbytes' CPU kernel): any method maps 4-bit codes
+  NF4  (P6 goal: pure torch >= 0.5x bitsandbytes' CPU kernel): any method maps 4-bit codes
        through the 16-value codebook (a gather) and writes bf16. Timed here for a whole
        3072x3072 weight against bitsandbytes on the same tensor.
 

@@ -1,7 +1,7 @@
 """Throughput of GGUF dequantization to bfloat16, per quant type.
 
 Columns, all in GB/s of bf16 output and all measured in the same run:
-  ours     loaders/gguf_dequant.dequantize
+  ours     loaders/gguf/dequant.dequantize
   ref      gguf-py's numpy reference (then converted to a bf16 torch tensor)
   city96   ComfyUI-GGUF's dequant.py, best of its two dequant_dtype modes (bf16 math, or
            fp16 math then a cast); only if CITY96_GGUF_PATH names its checkout or the file.
@@ -51,13 +51,17 @@ F16_FIELDS = {
 }
 
 
-def load_city96():
-    path = os.environ.get("CITY96_GGUF_PATH")
+def load_city96(path=None):
+    """ComfyUI-GGUF's dequant module from ``path`` (its checkout or the file; default
+    CITY96_GGUF_PATH), or None when neither is given."""
+    path = path or os.environ.get("CITY96_GGUF_PATH")
     if not path:
         return None
     path = pathlib.Path(path)
     if path.is_dir():
         path = path / "dequant.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"ComfyUI-GGUF's dequant.py not found at {path}: give its checkout")
     if "tqdm" not in sys.modules:  # it only uses tqdm.write for a log line
         try:
             import tqdm  # noqa: F401
@@ -80,8 +84,10 @@ def make_raw(qt, rows, cols, rng):
     return raw.reshape(rows, -1)
 
 
-def methods(qt, raw_np, shape, city):
-    raw = torch.from_numpy(raw_np)
+def methods(qt, raw_np, shape, city, device="cpu"):
+    """The timed callables for one case, on ``device`` (the gguf-py reference always runs on
+    the host: it is numpy)."""
+    raw = torch.from_numpy(raw_np).to(device)
     out = {
         "ours": lambda: dequantize(raw, qt, shape, torch.bfloat16),
         "ref": lambda: torch.from_numpy(gguf.quants.dequantize(raw_np, qt)).to(torch.bfloat16),
@@ -91,7 +97,7 @@ def methods(qt, raw_np, shape, city):
             return lambda: city.dequantize(raw, qt, shape, dtype=dt).to(torch.bfloat16)
         out["city96"] = c96(torch.bfloat16)
         out["city96/fp16"] = c96(None)
-    src = torch.empty(shape, dtype=torch.bfloat16).normal_()
+    src = torch.empty(shape, dtype=torch.bfloat16, device=device).normal_()
     out["memcpy"] = src.clone
     return out
 

@@ -1,4 +1,4 @@
-"""Loader latency, RSS growth and step time on a generated checkpoint (issue: zero-copy loading).
+"""Loader latency, RSS growth and step time on a generated checkpoint.
 
 Prints a table of ratios measured in one run (the machine is shared: absolute times mean little):
   * open time of our zero-copy reader vs ``safetensors.torch.load_file`` (goal <= 2 % of it is

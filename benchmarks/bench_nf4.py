@@ -30,12 +30,51 @@ def bnb_case(x, nested):
     return (lambda: F.dequantize_4bit(q, st)), entries
 
 
-def run(shapes, rounds):
+def have_bitsandbytes():
     try:
         import bitsandbytes  # noqa: F401
-        have_bnb = True
+        return True
     except ImportError:
-        have_bnb = False
+        return False
+
+
+def measure(shape, nested, rounds, have_bnb, device="cpu", sync=None):
+    """GB/s (bf16 output bytes, median over ``rounds``) of each method for one case on
+    ``device``: ours, pack, copy, and bnb when installed; ours must be bit-exact with bnb.
+    ``sync``: called before each clock read (torch.cuda.synchronize on a GPU)."""
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.bfloat16) * 0.02).to(device)
+    nbytes = x.numel() * 2
+    if have_bnb:
+        bnb_fn, entries = bnb_case(x, nested)
+    else:
+        from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
+        bnb_fn, entries = None, nf4_state_dict_entries("l", x, compress_statistics=nested)
+    w = parse_quant_state(entries, "l", "bench")
+    # "ours" is the portable torch path; "pack" is what a layer runs: bitsandbytes'
+    # kernel when it is installed, behind the pack's parsing and shape handling.
+    fns = {"ours": lambda: dequantize_nf4(w, torch.bfloat16, use_bnb=False),
+           "pack": lambda: dequantize_nf4(w, torch.bfloat16), "copy": x.clone}
+    if bnb_fn:
+        fns["bnb"] = bnb_fn
+        assert torch.equal(fns["ours"](), bnb_fn()), "not bit-exact: fix before timing"
+    sync = sync or (lambda: None)
+    times = {k: [] for k in fns}
+    for _ in range(3):  # warm caches, allocator and thread pool
+        for f in fns.values():
+            f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+
+
+def run(shapes, rounds):
+    have_bnb = have_bitsandbytes()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"bitsandbytes {'yes' if have_bnb else 'not installed'}, {rounds} rounds, medians\n")
     head = (f"{'shape':>12} {'layout':>6} | {'torch GB/s':>10} {'pack GB/s':>9} {'bnb GB/s':>9} "
@@ -43,33 +82,8 @@ def run(shapes, rounds):
     print(head)
     print("-" * len(head))
     for shape in shapes:
-        torch.manual_seed(0)
-        x = torch.randn(shape, dtype=torch.bfloat16) * 0.02
-        nbytes = x.numel() * 2
         for nested in (False, True):
-            if have_bnb:
-                bnb_fn, entries = bnb_case(x, nested)
-            else:
-                from vbar_loaders.loaders.nf4.codec import nf4_state_dict_entries
-                bnb_fn, entries = None, nf4_state_dict_entries("l", x, compress_statistics=nested)
-            w = parse_quant_state(entries, "l", "bench")
-            # "ours" is the portable torch path; "pack" is what a layer runs: bitsandbytes'
-            # kernel when it is installed, behind the pack's parsing and shape handling.
-            fns = {"ours": lambda: dequantize_nf4(w, torch.bfloat16, use_bnb=False),
-                   "pack": lambda: dequantize_nf4(w, torch.bfloat16), "copy": x.clone}
-            if bnb_fn:
-                fns["bnb"] = bnb_fn
-                assert torch.equal(fns["ours"](), bnb_fn()), "not bit-exact: fix before timing"
-            times = {k: [] for k in fns}
-            for _ in range(3):  # warm caches, allocator and thread pool
-                for f in fns.values():
-                    f()
-            for _ in range(rounds):
-                for k, f in fns.items():
-                    t = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t)
-            gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()}
+            gbs = measure(shape, nested, rounds, have_bnb)
             b = gbs.get("bnb")
             nan = float("nan")
             print(f"{'x'.join(map(str, shape)):>12} {'v1' if nested else 'v2':>6} | {gbs['ours']:10.2f} "

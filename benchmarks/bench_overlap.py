@@ -27,41 +27,60 @@ PAGE = 2 << 20
 DEPTH = int(__import__("os").environ.get("VBAR_PREFETCH", "1"))
 
 
-def run(width, layers, tokens, reps):
+def _synced(device):
+    """A clock read that first waits for the device's queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        def now():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
+def run(width, layers, tokens, reps, new_backend=HostBackend):
     """Every configuration is built first, then timed one step at a time in rotation (a copy of
-    the streamed bytes included), so a noisy stretch on a shared machine hits all alike."""
+    the streamed bytes included), so a noisy stretch on a shared machine hits all alike.
+
+    ``new_backend``: a callable returning the VBAR backend (gpu_check passes CUDA's). The model
+    computes on that backend's device; the weights' sources stay on the host, as a loader leaves
+    them, and the copy bandwidth is a plain host-to-device ``copy_`` of the same bytes."""
     torch.manual_seed(0)
     plain = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)]).eval()
-    x = torch.randn(tokens, width)
     total = sum(p.numel() * 4 for p in plain.parameters())
     configs = [(4.0, False)] + [(f, pf) for f in (0.75, 0.5, 0.25) for pf in (False, True)]
+    backend = new_backend()
+    device = backend.device()
+    page = max(PAGE, backend.granularity)
+    now = _synced(device)
+    x = torch.randn(tokens, width).to(device)
     with torch.no_grad():
-        ref = plain(x)
+        ref = copy.deepcopy(plain).to(device)(x)
         built = {}
         for fraction, prefetch in configs:
             model = copy.deepcopy(plain)
-            pool = Pool(HostBackend(), budget=max(PAGE, int(total * fraction) // PAGE * PAGE))
-            store = WeightStore("p4", pool, page_size=PAGE, copy_streams=True)
+            pool = Pool(backend if not built else new_backend(),
+                        budget=max(page, int(total * fraction) // page * page))
+            store = WeightStore("p4", pool, page_size=page, copy_streams=True)
             vbarize(model, store)
             if prefetch:
                 store.enable_prefetch(DEPTH)
-            assert torch.equal(model(x), ref)
+            assert torch.equal(model(x), ref), f"{fraction:.0%} resident: output differs from the plain model"
             model(x)
             built[fraction, prefetch] = (model, store, pool)
         src = torch.empty(total // 4)
-        dst = torch.empty_like(src)
+        dst = torch.empty_like(src, device=device)
         dst.copy_(src)
         times = {k: [] for k in built}
         copies = []
         before = {k: sum(h.streams for h in v[1].handles) for k, v in built.items()}
         for _ in range(reps):
             for k, (model, _, _) in built.items():
-                t = time.perf_counter()
+                t = now()
                 model(x)
-                times[k].append(time.perf_counter() - t)
-            t = time.perf_counter()
+                times[k].append(now() - t)
+            t = now()
             dst.copy_(src)
-            copies.append(time.perf_counter() - t)
+            copies.append(now() - t)
         compute = statistics.median(times[4.0, False])
         bw = total / statistics.median(copies)
         rows = []

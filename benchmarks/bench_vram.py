@@ -60,9 +60,16 @@ def _batches(fn, batches, n):
     return out
 
 
-def bench_hit(batches, n, pages=1):
-    pool = Pool(HostBackend(), budget=GiB)
-    ps = 2 * MiB
+def _page(backend, page_mib):
+    """``page_mib`` MiB, or the backend's granularity if that is larger (CUDA: usually 2 MiB)."""
+    return max(page_mib * MiB, backend.granularity)
+
+
+def bench_hit(batches, n, pages=1, new_backend=HostBackend):
+    """``new_backend``: a callable returning the backend to measure (gpu_check passes CUDA's)."""
+    backend = new_backend()
+    pool = Pool(backend, budget=GiB)
+    ps = _page(backend, 2)
     vbar = pool.create_vbar("hit", 64 * MiB, page_size=ps)
     # A slot spanning exactly `pages` pages (a 512-byte aligned weight usually straddles one
     # more page than its size suggests).
@@ -107,17 +114,18 @@ def bench_hit(batches, n, pages=1):
             "loop": med(loop_ns) / 1e3, "best": min(both_ns) / 1e3, "hits": hits}
 
 
-def bench_use_hit(batches, n):
+def bench_use_hit(batches, n, new_backend=HostBackend):
     """The whole per-layer path: WeightStore.use() on a resident weight (context manager)."""
     import torch
 
     from vbar_loaders.loaders.runtime.weight_store import WeightStore
 
-    pool = Pool(HostBackend(), budget=GiB)
-    store = WeightStore("use", pool, page_size=2 * MiB)
+    backend = new_backend()
+    pool = Pool(backend, budget=GiB)
+    store = WeightStore("use", pool, page_size=_page(backend, 2))
     h = store.add("w", torch.zeros(512, 1024))
     store.build()
-    dev, dt = torch.device("cpu"), torch.float32
+    dev, dt = store.device, torch.float32
     use = store.use
     with use(h, dev, dt):
         pass
@@ -132,9 +140,10 @@ def bench_use_hit(batches, n):
     return statistics.median(ns) / 1e3
 
 
-def bench_miss(rounds, slot_mib, page_mib):
-    ps = page_mib * MiB
-    pool = Pool(HostBackend(), budget=4 * slot_mib * MiB)
+def bench_miss(rounds, slot_mib, page_mib, new_backend=HostBackend):
+    backend = new_backend()
+    ps = _page(backend, page_mib)
+    pool = Pool(backend, budget=4 * slot_mib * MiB)
     vbar = pool.create_vbar("miss", slot_mib * MiB, page_size=ps)
     slot = vbar.alloc(slot_mib * MiB, name="w")
     fault_ns, evict_ns = [], []
@@ -162,17 +171,19 @@ def bench_miss(rounds, slot_mib, page_mib):
             "gbps": slot_mib * MiB / med(fault_ns)}
 
 
-def bench_reserve(rounds, size, page_mib):
-    pool = Pool(HostBackend(), budget=GiB)
+def bench_reserve(rounds, size, page_mib, new_backend=HostBackend):
+    backend = new_backend()
+    pool = Pool(backend, budget=GiB)
+    ps = _page(backend, page_mib)
     # Warm the allocator's code path so import and first-call costs are not counted.
-    pool.create_vbar("warm", 64 * MiB, page_size=page_mib * MiB).close()
+    pool.create_vbar("warm", 64 * MiB, page_size=ps).close()
     times = []
     rss_delta = vm_delta = 0
     for i in range(rounds):
         gc.collect()
         rss0, vm0 = rss_bytes(), vm_bytes()
         t0 = time.perf_counter_ns()
-        v = pool.create_vbar("big", size, page_size=page_mib * MiB)
+        v = pool.create_vbar("big", size, page_size=ps)
         t1 = time.perf_counter_ns()
         rss1, vm1 = rss_bytes(), vm_bytes()
         times.append(t1 - t0)

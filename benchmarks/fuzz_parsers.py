@@ -580,62 +580,19 @@ def mutate_gguf(rng, base, log):
     return blob
 
 
-def _gguf_loader():
-    """loaders/gguf/file.py and gguf_weights.py, or None where they do not exist yet."""
-    try:
-        from vbar_loaders.loaders.gguf import file as gguf_file
-        from vbar_loaders.loaders.gguf import weights as gguf_weights
-    except ImportError:
-        return None
-    return gguf_file, gguf_weights
-
-
-def gguf_open_fallback(path):
-    """gguf.GGUFReader wrapped as a loader would: its exceptions re-raised as GGUFError naming
-    the file. Only for checkouts without loaders/gguf/file.py. Returns {name: (info, value)}."""
-    import numpy as np
-    import torch
-    from gguf import GGUFReader
-
-    from vbar_loaders.loaders.gguf import dequant as gguf_dequant
-    from vbar_loaders.loaders.errors import GGUFError
-
-    try:
-        r = GGUFReader(path)
-        for f in r.fields.values():
-            f.contents()
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError) as e:
-        raise GGUFError(path, f"not a readable GGUF file ({type(e).__name__}: {e})",
-                        "The file is corrupt or truncated; download it again") from None
-    out = {}
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        raw = torch.from_numpy(np.array(t.data).reshape(-1).view(np.uint8))
-        try:
-            w = gguf_dequant.dequantize(raw, int(t.tensor_type), shape, torch.float32)
-        except GGUFError as e:
-            raise GGUFError(path, e.problem, e.hint, tensor=t.name) from None
-        out[t.name] = ((t.tensor_type, t.data_offset, int(t.n_bytes)), w)
-    return out
-
-
 def gguf_open(path):
     """Load every tensor as the pack does: {name: ((qtype, file offset, nbytes), value as
     float32 for quantized tensors / the typed view for plain ones)}."""
     import torch
 
-    mods = _gguf_loader()
-    if mods is None:
-        return gguf_open_fallback(path)
-    gguf_file, gguf_weights = mods
+    from vbar_loaders.loaders.gguf import file as gguf_file
+    from vbar_loaders.loaders.gguf import tokenizer as gguf_tokenizer
+    from vbar_loaders.loaders.gguf import weights as gguf_weights
+
     gf = gguf_file.GGUFFile(path)
     for key in gf.fields():
         gf.field(key)
-    try:
-        from vbar_loaders.loaders.gguf import tokenizer as gguf_tokenizer
-    except ImportError:
-        gguf_tokenizer = None
-    if gguf_tokenizer is not None and gguf_tokenizer.has_sentencepiece(gf):
+    if gguf_tokenizer.has_sentencepiece(gf):
         gguf_tokenizer.sentencepiece_model(gf)
     out = {}
     for name in gf.keys():
@@ -1225,9 +1182,6 @@ def report(tallies, out=print):
                                                    else ""))
         for s in t.falsifying[:2]:
             out(f"\n{p}: hypothesis, shrunk: {s}")
-    if "gguf" in tallies and _gguf_loader() is None:
-        out("\nnote: no loaders/gguf/file.py here; GGUF cases ran through gguf.GGUFReader "
-            "wrapped as a loader would (gguf_open_fallback)")
 
 
 def replay(parser, index, args):

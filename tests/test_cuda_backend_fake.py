@@ -67,3 +67,35 @@ def test_driver_errors_are_typed():
     backend = fake_cuda_backend(total=256 * MB)
     with pytest.raises(BackendError, match="cuMemAddressReserve"):
         backend.reserve(3 * 4096)          # not a multiple of the 2 MiB granularity
+
+
+def test_a_backend_that_failed_is_tried_and_warned_about_once_per_device(monkeypatch, caplog):
+    """A load asks for the pool once per model part: a driver that said no is not asked again."""
+    from fake_cuda_driver import CUresult, FakeDriver
+    from vbar_loaders import vram
+    from vbar_loaders.vram import cuda_backend
+
+    tried = []
+
+    class NoVMMOnDevice0(FakeDriver):
+        def cuDeviceGetAttribute(self, attr, dev):
+            tried.append(dev)
+            return (CUresult.CUDA_SUCCESS, 0 if dev == 0 else 1)
+
+    monkeypatch.setattr(cuda_backend, "_driver", lambda: NoVMMOnDevice0())
+    vram.reset_pools()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vbar.cuda"):
+            for _ in range(3):                      # text encoder, model, VAE of one checkpoint
+                assert vram.get_pool("cuda:0") is None
+        assert tried == [0]
+        warnings = [r for r in caplog.records if r.name == "vbar.cuda"]
+        assert len(warnings) == 1 and "virtual memory management" in warnings[0].getMessage()
+        pool = vram.get_pool("cuda:1")              # another device is its own decision
+        assert pool is not None and tried == [0, 1]
+        assert vram.get_pool("cuda:1") is pool and vram.get_pool("cuda:0") is None
+        assert tried == [0, 1]
+    finally:
+        vram.reset_pools()
+    assert vram.get_pool("cuda:0") is None and tried == [0, 1, 0]   # reset_pools forgets
+    vram.reset_pools()

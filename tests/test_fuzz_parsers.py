@@ -19,6 +19,7 @@ import fuzz_parsers as F  # noqa: E402
 
 from vbar_loaders.loaders.errors import (  # noqa: E402
     GGUFError, ModelFileError, NF4Error, SafetensorsError)
+from vbar_loaders.loaders.gguf.file import GGUFFile  # noqa: E402
 
 CASES = {"safetensors": 300, "nf4": 200, "gguf": 250}
 HYPOTHESIS = 30
@@ -32,8 +33,6 @@ def _args(tmp_path, *extra):
 
 @pytest.mark.parametrize("parser", list(CASES))
 def test_every_mutated_file_loads_or_raises_typed_error(parser, tmp_path):
-    if parser == "gguf" and F._gguf_loader() is None:
-        pytest.skip("loaders/gguf/file.py is not in this checkout")
     lines = []
     args = _args(tmp_path, "--hypothesis", str(HYPOTHESIS))
     t = F.fuzz([parser], CASES[parser], args, out=lines.append)[parser]
@@ -130,13 +129,10 @@ def _gguf_bytes(kv_payload, n_kv=1):
     ("kv-count", _gguf_bytes(b"", n_kv=2**64 - 1)),
 ])
 def test_gguf_hostile_headers_are_typed(tmp_path, name, blob):
-    mods = F._gguf_loader()
-    if mods is None:
-        pytest.skip("loaders/gguf/file.py is not in this checkout")
     path = tmp_path / f"{name}.gguf"
     path.write_bytes(blob)
     with pytest.raises(GGUFError) as e:
-        mods[0].GGUFFile(str(path))
+        GGUFFile(str(path))
     assert str(path) in str(e.value)
     assert isinstance(e.value, ModelFileError)
 

@@ -115,7 +115,7 @@ def test_accelerator_path_is_identical(qt, monkeypatch):
     blocks[::3, field:field + 2] = np.array([3.0e4], np.float16).view(np.uint8)
     blocks[1::5, field:field + 2] = np.array([6e-8], np.float16).view(np.uint8)
     ref = reference(raw, qt)
-    monkeypatch.setattr(gd, "_fuses", lambda device: True)
+    monkeypatch.setattr(gd, "mixed_dtype_ops_fuse", lambda device: True)
     monkeypatch.setattr(gd, "_CPU_CHUNK", 4 * bs // torch.get_num_threads())  # several chunks
     assert torch.equal(ours(raw, qt, shape, torch.float32), ref)
     for dtype in (torch.bfloat16, torch.float16):

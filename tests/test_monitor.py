@@ -77,7 +77,7 @@ def test_slot_codes_agree_with_vbar_slot_states():
                 v.hold(s)
             except Exception:  # noqa: BLE001 - budget full of held slots: fine here
                 pass
-        elif action < 0.15:
+        elif action < 0.15 and s.held:
             v.release(s)
         elif v.fault(s).ok:
             v.unpin(s)

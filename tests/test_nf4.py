@@ -61,7 +61,7 @@ SHAPES = [(64, 256), (128, 3072), (33, 17), (7,), (4, 48), (3, 96), (1, 4096)]
 @pytest.mark.parametrize("fused", [False, True], ids=["cpu-ops", "accelerator-ops"])
 def test_dequant_bit_exact_vs_bnb(shape, quant_type, nested, fused, monkeypatch):
     # accelerator-ops: the one-call mixed-dtype multiply CUDA runs, here on CPU
-    monkeypatch.setattr(nf4_kernels, "_fuses", lambda device: fused)
+    monkeypatch.setattr(nf4_kernels, "mixed_dtype_ops_fuse", lambda device: fused)
     torch.manual_seed(hash((shape, quant_type, nested)) % 1000)
     x = torch.randn(shape, dtype=torch.bfloat16) * 0.05
     for blocksize in (64, 32, 4096) if shape == (128, 3072) else (64,):

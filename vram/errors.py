@@ -23,3 +23,22 @@ class PhysicalOOM(VramError):
 
 class BudgetExceeded(VramError):
     """Memory that must stay resident (held slots) does not fit the budget."""
+
+
+# Pin ownership. A pin belongs to whoever took it: a fault pins its slot until that slot's unpin,
+# a hold until that slot's release. A call that does not match a pin it owns raises one of these
+# and changes nothing (a pin taken by a neighbour sharing the page is not the caller's).
+class WrongVBAR(BadCall):
+    """The slot belongs to another VBAR (or is not a slot at all)."""
+
+
+class NotPinned(BadCall):
+    """unpin() (or tensor()) of a slot that has no fault pin of its own outstanding."""
+
+
+class NotHeld(BadCall):
+    """release() of a slot that is not held."""
+
+
+class AlreadyHeld(BadCall):
+    """hold() of a slot that is already held: one hold, one release."""

@@ -47,7 +47,14 @@ class Pool:
             if self.vbars and self.mapped_bytes > self.budget():
                 self.make_room(0)
 
+    @property
+    def limit(self):
+        """The limit given to ``set_budget`` in bytes, or None: the device's capacity."""
+        return self._budget
+
     def budget(self):
+        """Bytes our pages may occupy now: the limit (or the capacity, whichever is smaller)
+        less headroom and less what others use on the device; never negative."""
         cap = self.backend.capacity()
         limit = self._budget if cap is None else min(self._budget or cap, cap)
         others = self._others_now() if cap is not None else 0

@@ -73,9 +73,14 @@ def device_numbers(device, stats):
     return out
 
 
-def collect(pools):
+def collect(pools=None):
     """``{"time", "pools": {dev: pool snapshot}, "devices": {dev: device numbers}}`` for a
-    ``{device: Pool}`` mapping (normally ``vram._pools``). Closed pools are left out."""
+    ``{device: Pool}`` mapping, by default every pool of this process (``vram.pools()``).
+    Closed pools are left out."""
+    if pools is None:
+        from . import pools as all_pools
+
+        pools = all_pools()
     snap = {"time": time.time(), "pools": {}, "devices": {}}
     for dev, pool in list(pools.items()):
         if pool.closed:

@@ -2,8 +2,14 @@
 
 Slots are handed out by bump allocation, so address order is priority order: the caller
 allocates its first-used (most important) weights first. Every method takes the pool's lock.
+
+Pins belong to whoever took them: each slot counts its own fault pins (``Slot.pins``, one per
+fault not yet unpinned) and its hold (``Slot.held``); a page's pin count is the sum over the
+slots on it. So ``unpin``/``release`` must match a fault/hold *of that slot*: a pin taken by
+a neighbour sharing the page, or by the hold, is not the caller's to drop. A call that does
+not match raises a typed BadCall and changes nothing.
 """
-from .errors import BadCall, BudgetExceeded, ClosedError
+from .errors import AlreadyHeld, BadCall, BudgetExceeded, ClosedError, NotHeld, NotPinned, WrongVBAR
 
 SLOT_ALIGN = 512
 
@@ -12,7 +18,7 @@ class Slot:
     """A weight's place in a VBAR. ``offset``/``nbytes`` are relative to the VBAR's base."""
 
     __slots__ = ("vbar", "index", "name", "offset", "nbytes", "p0", "p1", "gen", "signature",
-                 "result", "faults", "offloads", "held", "__weakref__")
+                 "result", "faults", "offloads", "pins", "held", "__weakref__")
 
     def __init__(self, vbar, index, name, offset, nbytes, p0, p1):
         self.vbar, self.index, self.name = vbar, index, name
@@ -22,7 +28,8 @@ class Slot:
         self.result = None
         self.faults = 0
         self.offloads = 0
-        self.held = False
+        self.pins = 0           # fault pins of this slot not yet unpinned
+        self.held = False       # the hold's pin (one at most)
 
     @property
     def addr(self):
@@ -59,7 +66,7 @@ class VBAR:
         self.npages = self.size // page_size
         self.base = pool.backend.reserve(self.size)
         self.mapped = bytearray(self.npages)   # 0/1 per page
-        self.pins = [0] * self.npages
+        self.pins = [0] * self.npages         # per page: sum of its slots' pins (+1 per hold)
         self.serial = [0] * self.npages
         self.watermark = self.npages           # faults above this page may not evict
         self.top = 0                           # bump pointer (bytes)
@@ -111,6 +118,7 @@ class VBAR:
                     if pins[p] == 0:
                         self.pinned_pages += 1
                     pins[p] += 1
+                slot.pins += 1
                 c.hits += 1
                 return slot.result
             return self._fault_slow(slot)
@@ -142,6 +150,7 @@ class VBAR:
             if self.pins[p] == 0:
                 self.pinned_pages += 1
             self.pins[p] += 1
+        slot.pins += 1
         return Fault(True, sig, True) if changed else slot.result
 
     def _offload(self, slot):
@@ -150,26 +159,35 @@ class VBAR:
         return OFFLOADED
 
     def unpin(self, slot):
+        """Drop the pin of one earlier ``fault(slot)`` (raises NotPinned if it has none)."""
         with self.lock:
             self._check_slot(slot)
-            pins = self.pins
-            for p in range(slot.p0, slot.p1 + 1):
-                if pins[p] <= 0:
-                    raise BadCall(f"VBAR '{self.name}': unpin of {slot!r} which is not pinned")
-            for p in range(slot.p0, slot.p1 + 1):
-                pins[p] -= 1
-                if pins[p] == 0:
-                    self.pinned_pages -= 1
-            pool = self.pool
-            if pool.mapped_bytes > pool.budget():
-                pool.make_room(0)   # the budget shrank while these pages were pinned
+            if slot.pins <= 0:
+                raise NotPinned(
+                    f"VBAR '{self.name}': unpin of {slot!r}, which is not pinned by a fault of it"
+                    + (" (it is held: release() drops a hold)" if slot.held else ""))
+            slot.pins -= 1
+            self._unpin_pages(slot)
+
+    def _unpin_pages(self, slot):
+        pins = self.pins
+        for p in range(slot.p0, slot.p1 + 1):
+            pins[p] -= 1
+            if pins[p] == 0:
+                self.pinned_pages -= 1
+        pool = self.pool
+        if pool.mapped_bytes > pool.budget():
+            pool.make_room(0)   # the budget shrank while these pages were pinned
 
     def hold(self, slot):
-        """Fault ``slot`` and keep it pinned until ``release``: it is never evicted meanwhile."""
+        """Fault ``slot`` and keep it pinned until ``release``: it is never evicted meanwhile.
+
+        The hold owns its own pin, apart from any fault's: ``unpin`` never drops it."""
         with self.lock:
             self._check_slot(slot)
             if slot.held:
-                return slot.result
+                raise AlreadyHeld(f"VBAR '{self.name}': {slot!r} is already held; release() it "
+                                  f"first (a slot has one hold at most)")
             r = self.fault(slot)
             if not r.ok:
                 raise BudgetExceeded(
@@ -177,14 +195,27 @@ class VBAR:
                     f"resident: the budget of {self.pool.budget() / 2**20:.0f} MiB has "
                     f"{self.pool._free_bytes() / 2**20:.0f} MiB free and not enough evictable; "
                     f"pin fewer blocks or raise the budget")
+            slot.pins -= 1       # the fault's pin on the pages becomes the hold's
             slot.held = True
             return r
 
     def release(self, slot):
+        """End ``slot``'s hold (raises NotHeld if it is not held)."""
         with self.lock:
-            if slot.held:
-                slot.held = False
-                self.unpin(slot)
+            self._check_slot(slot)
+            if not slot.held:
+                raise NotHeld(f"VBAR '{self.name}': release of {slot!r} which is not held")
+            slot.held = False
+            self._unpin_pages(slot)
+
+    def count(self, name, n=1):
+        """Add ``n`` to a counter reported by callers (``prefetch_hits``, ``prefetch_wasted``),
+        under the pool lock like every other counter update."""
+        if name not in ("prefetch_hits", "prefetch_wasted"):
+            raise BadCall(f"VBAR '{self.name}': {name!r} is not a caller-reported counter; "
+                          f"use prefetch_hits or prefetch_wasted")
+        with self.lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     def tensor(self, slot, dtype, shape):
         """A zero-copy tensor over the slot. Valid only while the slot is pinned."""
@@ -192,8 +223,8 @@ class VBAR:
 
         with self.lock:
             self._check_slot(slot)
-            if any(self.pins[p] == 0 for p in range(slot.p0, slot.p1 + 1)):
-                raise BadCall(f"VBAR '{self.name}': {slot!r} is not pinned; fault() it first")
+            if slot.pins <= 0 and not slot.held:
+                raise NotPinned(f"VBAR '{self.name}': {slot!r} is not pinned; fault() it first")
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
             if nbytes > slot.nbytes:
                 raise BadCall(f"VBAR '{self.name}': view of {nbytes} bytes ({dtype}, {tuple(shape)}) "
@@ -308,6 +339,8 @@ class VBAR:
             self.mapped_pages = 0
             self.pinned_pages = 0
             self.pins = [0] * self.npages
+            for s in self.slots:
+                s.pins, s.held = 0, False
             self.unmap_gen += 1
             self.closed = True
             self.pool._forget(self)
@@ -321,7 +354,7 @@ class VBAR:
         if self.closed:
             raise ClosedError(f"VBAR '{self.name}' is closed")
         if not isinstance(slot, Slot) or slot.vbar is not self:
-            raise BadCall(f"VBAR '{self.name}': {slot!r} is not a slot of this VBAR")
+            raise WrongVBAR(f"VBAR '{self.name}': {slot!r} is not a slot of this VBAR")
 
     def __repr__(self):
         return f"<VBAR '{self.name}' {self.size >> 20} MiB reserved, {self.mapped_pages} pages mapped>"

@@ -8,11 +8,11 @@ import json
 import mmap
 import os
 import struct
-import sys
 
 import torch
 
-from ..errors import FileChangedError, SafetensorsError
+from ..errors import SafetensorsError
+from .mapped import MappedFile, file_identity, opened
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _MAX_DIM = 2**63 - 1  # torch sizes are int64; larger dims would only fail later, obscurely
@@ -31,10 +31,6 @@ DTYPES = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch
 
 _CONVERT_HINT = ("Pickled checkpoints can run arbitrary code and are never loaded; "
                  "convert it to .safetensors (e.g. with a trusted offline script) and load that")
-
-
-def _identity(st):
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _not_safetensors(path, head):
@@ -63,7 +59,7 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class SafetensorsFile:
+class SafetensorsFile(MappedFile):
     """A read-only view of one .safetensors file.
 
     ``verify=True`` re-stats the path before handing out each tensor (one ``os.stat``,
@@ -78,22 +74,11 @@ class SafetensorsFile:
     def __init__(self, path, verify=True):
         self.path = os.fspath(path)
         self.verify = verify
-        if sys.byteorder != "little":
-            raise SafetensorsError(self.path, "safetensors data is little-endian and this "
-                                   "machine is big-endian", "Use a little-endian machine")
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise SafetensorsError(self.path, f"cannot open file ({e.strerror})",
-                                   "Check that the path exists and is readable") from e
-        try:
-            st = os.fstat(fd)
-            self._ident = _identity(st)
+        with opened(self.path, SafetensorsError, "safetensors") as (fd, st):
+            self._ident = file_identity(st)
             self._entries, self.metadata, self._data_start = self._parse(fd, st.st_size)
             # mmap of an empty file is an error; a header-only file has nothing to view anyway
             self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if self._data_len(st) else None
-        finally:
-            os.close(fd)  # mmap keeps its own duplicate descriptor
         self._closed = False
 
     def _data_len(self, st):
@@ -239,23 +224,6 @@ class SafetensorsFile:
         """The tensor's bytes as a flat uint8 view."""
         t = self._view(name, torch.uint8)
         return torch.empty(0, dtype=torch.uint8) if t is None else t
-
-    def check_unchanged(self, tensor=None):
-        """Raise FileChangedError if the path no longer holds the file that was opened."""
-        try:
-            now = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
-        if now != self._ident:
-            if now is None:
-                what = "deleted"
-            elif now[:2] != self._ident[:2]:
-                what = "replaced by another file"
-            else:
-                what = "truncated" if now[2] < self._ident[2] else "modified"
-            raise FileChangedError(self.path, f"the file was {what} after it was loaded",
-                                   "Reload the model (do not modify model files while "
-                                   "they are in use)", tensor=tensor)
 
     def close(self):
         # Never mmap.close(): torch views reference the mmap object without a buffer

@@ -29,6 +29,7 @@ import math
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from ..device_ops import mixed_dtype_ops_fuse
 from ..errors import GGUFError
 
 U8, I8, I16, I32, F16, F32 = torch.uint8, torch.int8, torch.int16, torch.int32, torch.float16, torch.float32
@@ -392,13 +393,6 @@ def dequantize_into(out, raw, qtype):
     return out
 
 
-def _fuses(device):
-    """Whether to use mixed-dtype elementwise ops on ``device`` (see the top): on CUDA (and
-    ROCm, which presents as cuda), whose kernels convert in registers. Other accelerators
-    (MPS, XPU) keep the plain-dtype sequence they ran before, untested as they are here."""
-    return device.type == "cuda"
-
-
 def _finish(q, scale, bias, dst, buf, fused):
     """dst = q * scale (+ bias), computed in float32 and rounded once into dst's dtype."""
     out = dst.view(q.shape)
@@ -427,7 +421,7 @@ def _run(qt, raw, out):
     ch = (_CPU_CHUNK * torch.get_num_threads() if cpu else _DEV_CHUNK) // bs
     ch = min(max(4, ch - ch % 4), stop)  # multiples of 4 blocks stay int32-aligned
     sup = ch * (_PREP_CHUNKS if cpu else 1)
-    buf, fused = _Scratch(out.device), _fuses(out.device)
+    buf, fused = _Scratch(out.device), mixed_dtype_ops_fuse(out.device)
     for s0 in range(0, stop, sup):
         pre = prep(blocks[s0: min(stop, s0 + sup)])
         for s in range(s0, min(stop, s0 + sup), ch):

@@ -17,13 +17,13 @@ import math
 import mmap
 import os
 import struct
-import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import FileChangedError, GGUFError
+from ..errors import GGUFError
+from ..files.mapped import MappedFile, file_identity, opened
 
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -65,10 +65,6 @@ class GGUFTensorInfo(NamedTuple):
     @property
     def quantized(self):
         return self.qtype.name not in _PLAIN
-
-
-def _identity(st):
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _qtypes():
@@ -269,7 +265,7 @@ def _scan(path, buf, size):
     return version, alignment, data_start, records, kv
 
 
-class GGUFFile:
+class GGUFFile(MappedFile):
     """A validated, read-only view of one .gguf file.
 
     ``tensor(name)``: zero-copy view (uint8 packed blocks for quantized types, typed otherwise);
@@ -280,17 +276,8 @@ class GGUFFile:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        if sys.byteorder != "little":
-            raise GGUFError(self.path, "GGUF data is little-endian and this machine is "
-                            "big-endian", "Use a little-endian machine")
-        try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise GGUFError(self.path, f"cannot open file ({e.strerror})",
-                            "Check that the path exists and is readable") from e
-        try:
-            st = os.fstat(fd)
-            self._ident = _identity(st)
+        with opened(self.path, GGUFError, "GGUF") as (fd, st):
+            self._ident = file_identity(st)
             if st.st_size == 0:
                 raise GGUFError(self.path, "the file is empty", "The download or copy was "
                                 "probably interrupted; fetch it again")
@@ -298,8 +285,6 @@ class GGUFFile:
             # (ComfyUI and torch warn about, or refuse, read-only arrays).
             self._buf = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
             scanned = _scan(self.path, self._buf, st.st_size)
-        finally:
-            os.close(fd)
         self.version, self.alignment, self.data_start, records, self._kv = scanned
         self._bytes = np.frombuffer(self._buf, dtype=np.uint8)
         self._infos = {}
@@ -382,20 +367,6 @@ class GGUFFile:
         for i in self._infos.values():
             out[i.qtype.name] = out.get(i.qtype.name, 0) + 1
         return out
-
-    def check_unchanged(self, tensor=None):
-        """Raise FileChangedError if the path no longer holds the file that was opened
-        (touching a page of a truncated mapping would kill the process with SIGBUS)."""
-        try:
-            now = _identity(os.stat(self.path))
-        except FileNotFoundError:
-            now = None
-        if now != self._ident:
-            what = ("deleted" if now is None else "replaced by another file"
-                    if now[:2] != self._ident[:2] else "modified")
-            raise FileChangedError(self.path, f"the file was {what} after it was opened",
-                                   "Reload the model (do not modify model files while they "
-                                   "are in use)", tensor=tensor)
 
     def __repr__(self):
         return (f"GGUFFile({self.path!r}, v{self.version}, arch={self.architecture!r}, "

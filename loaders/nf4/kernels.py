@@ -5,6 +5,8 @@ Every rounding step mirrors bitsandbytes 0.50 on CPU, so results are bit-identic
 """
 import torch
 
+from ..device_ops import mixed_dtype_ops_fuse
+
 QUANT_TYPES = ("nf4", "fp4")
 # bitsandbytes.functional.quantize_4bit / dequantize_4bit refuse anything else.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -74,13 +76,6 @@ def default_chunk(device):
     return 1 << 18 if torch.device(device).type == "cpu" else 1 << 22
 
 
-def _fuses(device):
-    """Whether to scale and round in one float32 -> output-dtype op, as every device but the
-    CPU always did (CUDA converts in registers); a CPU op with a differing output dtype runs
-    through a temporary copy, so there scaling in place and one cast is faster."""
-    return device.type != "cpu"
-
-
 def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=None, chunk=None):
     """Flat dequant: ``out[i] = code[nibble(i)] * absmax[i // blocksize]`` in fp32, then cast.
 
@@ -92,7 +87,7 @@ def dequantize_4bit(packed, absmax, quant_type, numel, blocksize, dtype, out=Non
         out = torch.empty(numel, dtype=dtype, device=device)
     flat = out.view(-1)
     table = _pair_table(quant_type, device)
-    split = not _fuses(device)
+    split = not mixed_dtype_ops_fuse(torch.device(device))
     full_blocks = numel // blocksize
     step = max(1, (chunk or default_chunk(device)) // blocksize) * blocksize
     nbytes = min(step, full_blocks * blocksize) // 2

@@ -105,7 +105,7 @@ def release_pins(store, free=True):
     if v is None or v.closed:
         return
     for h in store.handles:
-        if h.held and h.slot is not None:
+        if h.held and h.slot is not None and h.slot.held:   # released already: nothing to drop
             v.release(h.slot)
     if free:
         store.free_memory()
@@ -121,7 +121,8 @@ def restore_pins(store):
     held = [h for h in store.handles if h.held and h.slot is not None]
     try:
         for h in held:
-            v.hold(h.slot)
+            if not h.slot.held:      # ComfyUI loads a model that is loaded already: keep its hold
+                v.hold(h.slot)
     except Exception as e:
         from ...vram import BudgetExceeded
 

@@ -5,14 +5,17 @@ weights that followed the current one last time are prepared on a worker thread:
 copied into their slot (resident ones), or copied into a temporary (streamed ones, only where a
 transfer is real: CUDA, or a host store told to simulate one). A prepared weight keeps its pages
 pinned until it is used; one that is not used next is released and counted as wasted, so graphs
-that call layers out of order stay correct. torch releases the GIL in copies and matmuls, so the
-worker overlaps with compute. On CUDA the copies run on a side stream from pinned staging
+that call layers out of order stay correct. A slot is filled through the store's ``fill``, the
+same path and lock as the model thread's own fills. torch releases the GIL in copies and
+matmuls, so the worker overlaps with compute. On CUDA the copies run on a side stream from pinned staging
 buffers, ordered with events: no host synchronisation on the hot path.
 """
 import queue
 import threading
 
 import torch
+
+from .weight_store import ANY
 
 
 class Prepared:
@@ -22,7 +25,7 @@ class Prepared:
         self.h = h
         self.fault = None       # pinned Fault: slot contents valid under fault.signature
         self.temp = None        # a device copy of the source, for a weight that streams
-        self.event = None       # CUDA event the consumer's stream waits on
+        self.event = None       # CUDA: the copy into ``temp`` (a slot's fill event is the handle's)
         self.done = threading.Event()
         self.error = None
 
@@ -88,8 +91,8 @@ class Prefetcher:
 
     def _count(self, name):
         vbar = self.store.vbar
-        if vbar is not None:
-            setattr(vbar.counters, name, getattr(vbar.counters, name) + 1)
+        if vbar is not None and not vbar.closed:
+            vbar.count(name)
 
     def _worth_it(self, h):
         if h.slot is not None:
@@ -154,21 +157,14 @@ class Prefetcher:
         if h.slot is not None and vbar is not None and not vbar.closed:
             r = vbar.fault(h.slot)
             if r.ok:
-                p.fault = r
-                if h.sig != r.signature:
-                    h.sig = None
-                    if store.source_check is not None:
-                        store.source_check(h.key)
-                    view = store.view_of(h)
-                    self._copy(p, view, h.source)
-                    h.content = None
-                    h.sig = r.signature
+                p.fault = r       # pinned: the consumer's use takes over the pin, or _release drops it
+                store.fill(h, r.signature, ANY, copy=self._copy)
                 return
         if store.source_check is not None:
             store.source_check(h.key)
         if self.cuda or store.copy_streams:
             temp = self._temp(h.source)
-            self._copy(p, temp, h.source)
+            p.event = self._copy(temp, h.source)
             p.temp = temp
 
     def _temp(self, src):
@@ -181,17 +177,19 @@ class Prefetcher:
         except (AttributeError, IndexError):
             return torch.empty(src.shape, dtype=src.dtype, device=self.store.device)
 
-    def _copy(self, p, dst, src):
+    def _copy(self, dst, src):
+        """Copy ``src`` into ``dst``; on CUDA asynchronously, returning the event it ends at."""
         if not self.cuda:
             dst.copy_(src)
-            return
+            return None
         n = src.numel() * src.element_size()
         buf = self._stage(src, n)
         with torch.cuda.stream(self.side):
             dst.copy_(buf.view(src.dtype).view(src.shape), non_blocking=True)
-            p.event = torch.cuda.Event()
-            p.event.record(self.side)
-        self._staging[n] = (buf, p.event)
+            event = torch.cuda.Event()
+            event.record(self.side)
+        self._staging[n] = (buf, event)
+        return event
 
     def _stage(self, src, n):
         """A pinned host buffer (uint8, ``n`` bytes) holding ``src``: only pinned memory copies

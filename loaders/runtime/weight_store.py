@@ -6,6 +6,12 @@ nothing is copied; a changed one means copy the source in first; an offloaded fa
 source through a temporary. Quantized weights keep their packed bytes in the slot and ``decode``
 them on the device at every use; with patches (LoRA), their patched result is kept in a
 companion "patched" VBAR while the budget has room for it (see ``_use_patched``).
+
+A slot is filled by ``fill`` only, from the thread running the model or the prefetch worker,
+one at a time per weight (the handle's lock): a filler marks the slot invalid, copies, and
+marks it valid under the signature it holds pinned. A use whose signature and contents match
+reads without the lock: while its pages stay pinned the signature cannot change, and a
+prefetch fills only a slot whose signature differs, so nothing writes under a valid use.
 """
 import contextlib
 import math
@@ -14,11 +20,12 @@ import threading
 import torch
 
 SMALL_BYTES = 64 << 10   # below this a weight simply lives on the device: paging it costs more
+ANY = object()           # fill(): any contents valid under the signature will do (prefetch)
 
 
 class WeightHandle:
     __slots__ = ("key", "source", "decode", "shape", "slot", "sig", "content", "view", "small",
-                 "nbytes", "uses", "streams", "store_dtype", "held", "patched")
+                 "nbytes", "uses", "streams", "store_dtype", "held", "patched", "lock", "event")
 
     def __init__(self, key, source, decode, shape, store_dtype):
         self.key = key
@@ -37,6 +44,8 @@ class WeightHandle:
         self.streams = 0
         self.held = False             # pinned resident for the model's lifetime (block pinning)
         self.patched = {}             # dtype -> _Patched, or None where it cannot be had
+        self.lock = threading.Lock()  # held by whoever fills the slot (WeightStore.fill)
+        self.event = None             # CUDA: the side-stream copy that last filled the slot
 
 
 class WeightStore:
@@ -59,7 +68,6 @@ class WeightStore:
         self.by_key = {}
         self.vbar = None
         self.patch_vbar = None        # patched results of quantized weights, made on first need
-        self.lock = threading.Lock()
         self.device = pool.backend.device() if pool is not None else None
 
     def add(self, key, source, decode=None, shape=None, store_dtype=None, hold=False):
@@ -146,20 +154,13 @@ class WeightStore:
                 self._recycle(ready)
                 return
         try:
-            view = self.view_of(h)
             cacheable = patches and h.decode is None and dtype == h.store_dtype and patch_key is not None
             want = patch_key if cacheable else None
             if h.sig != r.signature or h.content != want:
-                h.sig = None
-                if self.source_check is not None:
-                    self.source_check(h.key)
-                view.copy_(h.source, non_blocking=True)
-                h.content = None
-                if cacheable:
-                    patched = _apply(patches, view.to(dtype, copy=True))
-                    view.copy_(patched)
-                    h.content = want
-                h.sig = r.signature
+                self.fill(h, r.signature, want, patches, dtype)
+            if h.event is not None:
+                self._await_fill(h)
+            view = h.view
             if h.decode is not None:
                 w = _decoded(h, view, dtype, patches)
             else:
@@ -199,6 +200,47 @@ class WeightStore:
             yield c.view
         finally:
             c.vbar.unpin(c.slot)
+
+    def fill(self, h, signature, want=None, patches=None, dtype=None, copy=None):
+        """Make ``h``'s slot hold ``want`` under ``signature``: the one way a slot is filled.
+
+        The caller holds a pin on the slot (its fault gave ``signature``). ``want``: None for
+        the source's bytes, a patch key for the source with ``patches`` applied in ``dtype``
+        (the LoRA cache), or ANY: whatever is valid under ``signature`` (the prefetcher, which
+        must never overwrite a patched result). ``copy(dst, src)`` replaces the plain copy and
+        may return a CUDA event the copy completes at (the prefetcher's side stream). One
+        filler at a time per weight; another waits, then finds the slot filled.
+        """
+        with h.lock:
+            if h.sig == signature and (want is ANY or h.content == want):
+                return
+            h.sig = None                  # invalid while written
+            if self.source_check is not None:
+                self.source_check(h.key)
+            view = self.view_of(h)
+            if copy is None:
+                self._await_fill_locked(h)   # our stream writes after the side stream's copy
+                view.copy_(h.source, non_blocking=True)
+            else:
+                h.event = copy(view, h.source)
+            h.content = None
+            if want is not None and want is not ANY:
+                self._await_fill_locked(h)
+                view.copy_(_apply(patches, view.to(dtype, copy=True)))
+                h.content = want
+            h.sig = signature
+
+    def _await_fill(self, h):
+        with h.lock:
+            self._await_fill_locked(h)
+
+    def _await_fill_locked(self, h):
+        # Order the current stream after the side-stream copy that filled the slot (CUDA only;
+        # once waited for, the current stream stays ordered after it).
+        ev = h.event
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            h.event = None
 
     def _patched_slot(self, h, dtype):
         c = h.patched.get(dtype, False)
