@@ -30,3 +30,7 @@ class NF4Error(ModelFileError):
 
 class FileChangedError(ModelFileError):
     """The file under a live mapping was truncated, replaced or deleted."""
+
+
+class QuantError(ModelFileError):
+    """A quantized layer (scaled fp8, ComfyUI ``comfy_quant``) the pack cannot load as stored."""

@@ -62,10 +62,42 @@ def prefetch_depth():
     return max(0, depth)
 
 
-def _check_supported(sd, path):
-    if any(k.endswith("scaled_fp8") for k in sd):
-        raise ModelFileError(path, "scaled-fp8 checkpoints are not supported by VBAR loaders yet",
+def _check_supported(sd, path, metadata=None):
+    """For loaders that take no quantized safetensors layers (text encoders, NF4 files)."""
+    from ..quant.comfy_quant import METADATA_KEY, QUANT_SUFFIX
+
+    if any(k.endswith("scaled_fp8") or k.endswith(QUANT_SUFFIX) for k in sd) \
+            or METADATA_KEY in (metadata or {}):
+        raise ModelFileError(path, "quantized layers (scaled fp8 / comfy_quant) are supported by "
+                             "the VBAR Checkpoint and Diffusion Model loaders only, for "
+                             "diffusion-model layers",
                              "Use ComfyUI's stock loader for this file, or a bf16/fp16 or GGUF version")
+
+
+def _quantized(sd, path, metadata):
+    """(state dict for ComfyUI, quant.Prepared) for a file's quantized diffusion-model layers."""
+    from . import quant
+    from .nf4 import _unet_prefix
+
+    prefix = _unet_prefix(sd) if sd else ""
+    prep = quant.prepare(sd, path, metadata, model_prefix=prefix)
+    prep.prefix = prefix          # ComfyUI pops the model's keys from the dict as it loads
+    if prep:
+        log.info("%s: quantized layers: %s", os.path.basename(str(path)), quant.describe(prep))
+    return prep.logical, prep
+
+
+def _attach_quantized(patcher, prep):
+    from . import quant
+
+    if not prep:
+        return
+    prefix = prep.prefix
+    if prep.kind == "mixed":
+        quant.mixed_dtypes(patcher.model)
+        quant.attach_mixed(patcher.model.diffusion_model, prep, prefix, patcher.load_device)
+    else:
+        quant.attach_scaled_fp8(patcher.model.diffusion_model, prep, prefix)
 
 
 def _is_adopting(m):
@@ -151,7 +183,7 @@ def load_checkpoint(path, embedding_directory=None):
     from .ops import vbar_operations
 
     sd, metadata, check = open_checked(path)
-    _check_supported(sd, path)
+    sd, prep = _quantized(sd, path, metadata)
     ops = vbar_operations()
     te_options = {"custom_operations": ops,
                   "initial_device": mm.text_encoder_offload_device()}
@@ -164,6 +196,7 @@ def load_checkpoint(path, embedding_directory=None):
     model, clip, vae = out[:3]
     base = os.path.basename(str(path))
     if model is not None:
+        _attach_quantized(model, prep)
         wrap_model(model, base, source_check=check)
     if clip is not None:
         wrap_clip(clip, base + ":clip", source_check=check)
@@ -181,7 +214,7 @@ def load_diffusion_model(path, weight_dtype="default"):
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype {weight_dtype!r}: use one of {', '.join(WEIGHT_DTYPES)}")
     sd, metadata, check = open_checked(path)
-    _check_supported(sd, path)
+    sd, prep = _quantized(sd, path, metadata)
     options = {"custom_operations": vbar_operations()}
     if weight_dtype.startswith("fp8_e4m3fn"):
         options["dtype"] = torch.float8_e4m3fn   # "_fast" (fp8 matmul) computes as plain fp8 here
@@ -191,4 +224,5 @@ def load_diffusion_model(path, weight_dtype="default"):
     if model is None:
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
+    _attach_quantized(model, prep)
     return wrap_model(model, os.path.basename(str(path)), source_check=check)

@@ -35,6 +35,11 @@ class AdoptingOp:
                 # ComfyUI leaves missing weights uninitialised; a meta tensor would crash at use.
                 missing_keys.append(prefix + name)
                 t = torch.zeros(current.shape, dtype=self.vbar_store_dtype)
+            elif getattr(t, "vbar_stored_elsewhere", False):
+                # A quantized weight (comfy_quant) stands here as a meta tensor of its stored
+                # shape; the loader attaches the stored bytes itself and checks them against
+                # the layer, which keeps its own logical shape and dtype.
+                continue
             elif tuple(t.shape) != tuple(current.shape):
                 error_msgs.append(f"size mismatch for {prefix + name}: copying a param with shape "
                                   f"{tuple(t.shape)} from checkpoint, the shape in current model is "
@@ -42,7 +47,7 @@ class AdoptingOp:
                 continue
             self._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
         for key in state_dict:
-            if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias") \
+            if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias", "comfy_quant") \
                     and "." not in key[len(prefix):] and strict:
                 unexpected_keys.append(key)
 

@@ -53,6 +53,12 @@ def _patched_as_stored(m, h, device, dtype, patches):
                  patches[1:])
 
 
+def use_param(m, name, device, dtype):
+    """Context manager: parameter ``name`` of VBAR layer ``m`` on ``device`` in ``dtype``, with
+    the layer's patches applied (None if it has none). For loader hooks (``vbar_linear``)."""
+    return _param(m, name, device, dtype)
+
+
 @contextlib.contextmanager
 def _cast(ctx, dtype, after=()):
     with ctx as w:
@@ -66,6 +72,15 @@ def _cast(ctx, dtype, after=()):
 
 
 def _linear(m, x):
+    # Loader hook: a quantized layer computes the way its ComfyUI op does (e.g. a quantized
+    # matmul), given this default to fall back to.
+    hook = m.__dict__.get("vbar_linear")
+    if hook is not None:
+        return hook(m, x, _plain_linear)
+    return _plain_linear(m, x)
+
+
+def _plain_linear(m, x):
     with _param(m, "weight", x.device, x.dtype) as w, _param(m, "bias", x.device, x.dtype) as b:
         return F.linear(x, w, b)
 

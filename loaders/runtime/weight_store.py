@@ -161,9 +161,12 @@ class WeightStore:
             if h.event is not None:
                 self._await_fill(h)
             view = h.view
-            w = h.decode(view, dtype) if h.decode is not None else view.to(dtype)
-            if patches and not cacheable:
-                w = _apply(patches, w if w.data_ptr() != view.data_ptr() else w.clone())
+            if h.decode is not None:
+                w = _decoded(h, view, dtype, patches)
+            else:
+                w = view.to(dtype)
+                if patches and not cacheable:
+                    w = _apply(patches, w if w.data_ptr() != view.data_ptr() else w.clone())
             yield w
         finally:
             vbar.unpin(slot)
@@ -283,7 +286,9 @@ class WeightStore:
         if count and h.slot is not None:
             h.streams += 1
         if temp is not None:           # transferred ahead of time by the prefetcher
-            w = h.decode(temp, dtype) if h.decode is not None else temp.to(h.store_dtype).to(dtype)
+            if h.decode is not None:
+                return _decoded(h, temp, dtype, patches)
+            w = temp.to(h.store_dtype).to(dtype)
             if patches:
                 w = _apply(patches, w if w.data_ptr() != temp.data_ptr() else w.clone())
             return w
@@ -300,6 +305,9 @@ class WeightStore:
                 w = w.clone()          # never keep a view of the file: it may change under us
             h.small[(device, dtype)] = w
             return w
+        if patches and h.decode is not None:
+            src = h.source.to(device, non_blocking=True, copy=self.copy_streams)
+            return _decoded(h, src, dtype, patches)
         w = self._materialize(h, device, dtype, copy=bool(patches), transfer=self.copy_streams)
         return _apply(patches, w) if patches else w
 
@@ -376,6 +384,18 @@ class _Patched:
     def __init__(self, vbar, slot):
         self.vbar, self.slot, self.view = vbar, slot, None
         self.valid = None             # (slot signature, patch key) the view holds, or None
+
+
+def _decoded(h, raw, dtype, patches):
+    """A quantized weight decoded, with its patches. A decoder with a ``patched`` method applies
+    them itself (a format whose loader bakes patches into the stored form, as ComfyUI does)."""
+    patched = getattr(h.decode, "patched", None) if patches else None
+    if patched is not None:
+        return patched(raw, dtype, patches)
+    w = h.decode(raw, dtype)
+    if patches:
+        w = _apply(patches, w if w.data_ptr() != raw.data_ptr() else w.clone())
+    return w
 
 
 def _apply(patches, w):
