@@ -390,6 +390,8 @@ def workflow(name, files, steps=3, seed=42, cfg=2.0, prefix=None):
     tests/comfy_nodes, because the real text encoders are multi-GB): UNETLoader -> KSampler on the family's empty
     latent -> VAEDecode with the family's VAE -> SaveImage (a video saves one PNG per frame).
 
+    ``files``: {"unet": ..., "vae": ...} for this family, as the last line of main()'s output
+    (``FILES {json}``) or write_family() give them (file names carry a layout tag).
     Swap the loader with ``use_model_loader``; put anything between the loader and the sampler
     by setting ``wf[SAMPLER]["inputs"]["model"]`` (see comfy_env.add_budget)."""
     family = FAMILIES[name]
