@@ -209,7 +209,9 @@ FAMILIES = {f.name: f for f in [
            note="Wan 2.1 T2V; umt5 context 4096"),
     Family("qwen_image", "QwenImage", _qwen_image, "bf16", "wan21_vae", IMAGE_LATENT, (16, 3584, 0),
            note="hidden 3072 fixed: one block is ~340 M params"),
-    Family("chroma", "Chroma", _chroma, "bf16", "kl16_vae", IMAGE_LATENT, (16, 4096, 0), rename=_rms_scale,
+    # Chroma reads no pooled vector, but 0.3.64 runs it through Flux's encode_adm, which indexes
+    # pooled_output (KeyError without one); 0.33.0 ignores it
+    Family("chroma", "Chroma", _chroma, "bf16", "kl16_vae", IMAGE_LATENT, (16, 4096, 768), rename=_rms_scale,
            note="Flux-derived; hidden 3072 and approximator fixed; no single blocks (Flux covers them)"),
     Family("hunyuan_video", "HunyuanVideo", _hunyuan_video, "bf16", "hunyuan_video_vae", VIDEO_LATENT,
            (16, 4096, 768), video=True, rename=_hunyuan_norms, note="llama context 4096 + CLIP-L pooled 768"),
