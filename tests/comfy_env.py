@@ -40,11 +40,13 @@ def ensure_models(harness, python, models, comfy):
                    cwd=harness, timeout=600)
 
 
-def start_server(harness, comfy, python, models, **kw):
+def start_server(harness, comfy, python, models, extra_nodes=(), **kw):
+    """``extra_nodes``: test-only custom node folders loaded beside the pack (tests/comfy_nodes)."""
     sys.path.insert(0, harness)
     from harness import ComfyServer
 
-    srv = ComfyServer(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python, **kw)
+    srv = ComfyServer(comfy, custom_nodes=[str(ROOT), *map(str, extra_nodes)], models_dir=models,
+                      python=python, **kw)
     srv.harness_dir = harness   # where its workflows are (see load_wf)
     srv.start()
     failures = [f for f in srv.import_failures() if ROOT.name in str(f) or str(ROOT) in str(f)]
