@@ -429,15 +429,11 @@ MIN_COMFYUI = (0, 3, 40)
 
 
 def _version_tuple(text):
-    parts = []
-    for piece in str(text).split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            return None
-        parts.append(int(digits[:6]))
-        if len(digits) < len(piece):
-            break
-    return tuple(parts + [0] * (3 - len(parts)))
+    """(major, minor, patch) from '0.3.41', '0.4', '0.3.41rc1'; None if it does not start so."""
+    import re
+
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(text))
+    return tuple(int(g or 0) for g in m.groups()) if m else None
 
 
 def comfyui_version():

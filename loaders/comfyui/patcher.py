@@ -158,6 +158,27 @@ def make_patcher_class(mp):
                 comfy.utils.set_attr_param(self.model, key, comfy.utils.get_attr(
                     self.model, key).to(self.offload_device))
 
+        def model_state_dict_for_saving(self, model=None, prefix=""):
+            # 0.33 saves through lazy parameters that take their shape and dtype from the
+            # module's tensor and their data from patch_weight_to_device(return_weight=True).
+            # A VBAR layer's tensor is the file's (another dtype where ComfyUI converts at
+            # load; packed bytes if quantized), so describe the weight as ComfyUI holds it. The
+            # placeholder is never written or read: its pages are never touched.
+            import torch
+
+            sd = super().model_state_dict_for_saving(model, prefix)
+            managed = self._vbar_managed()
+            for k, v in list(sd.items()):
+                key = prefix + k
+                if key not in managed or type(v).__name__ != "LazyCastingParam":
+                    continue
+                m, pname = _layer_of(self.model, key)
+                h = m._vbar_handles[pname]
+                dtype = _weight_dtype(h)
+                if v.dtype != dtype or tuple(v.shape) != h.shape:
+                    sd[k] = type(v)(self, key, torch.empty(h.shape, dtype=dtype))
+            return sd
+
         def _present_weights(self, device_to):
             """force_patch_weights: ComfyUI wants the module's weights patched, because the
             next thing it does is read state_dict() (checkpoint save, LoRA extraction and CLIP
@@ -200,7 +221,7 @@ def signature_problems(cls=None):
                     problems.append(f"{name}: ComfyUI's takes '{pname}', ours does not")
                 continue
             if p.kind is not p.KEYWORD_ONLY and (i >= len(ours_pos) or ours_pos[i] != pname):
-                problems.append(f"{name}: '{pname}' is argument {i} in ComfyUI's, not in ours")
+                problems.append(f"{name}: '{pname}' is argument {i} (self = 0) in ComfyUI's, not in ours")
             if p.default is not q.default and p.default != q.default:
                 problems.append(f"{name}: '{pname}' defaults to {p.default!r} in ComfyUI's, "
                                 f"{q.default!r} in ours")
