@@ -31,6 +31,10 @@ def make_patcher_class(mp):
     """Our ModelPatcher subclass over ``mp`` (comfy.model_patcher, or a stand-in in tests)."""
     from ..runtime.vbar_modules import VbarLayer
 
+    # 0.33 reads weights for saving through patch_weight_to_device(return_weight=True); older
+    # versions read the module's state_dict().
+    reads_state_dict = "return_weight" not in _parameters(mp.ModelPatcher.patch_weight_to_device)
+
     class VbarModelPatcher(mp.ModelPatcher):
         def _vbar_managed(self):
             # Computed once per model: ComfyUI asks for sizes many times per prompt, and walking
@@ -87,8 +91,18 @@ def make_patcher_class(mp):
                 for s in stores_of(self):
                     s.prioritize()
                 self.model.device = device_to
+                managed = self._vbar_managed()
+                for key in self.patches:
+                    # Layers outside the VBAR (token embeddings) are ordinary tensors on the
+                    # device: patched ComfyUI's way, into the module, as a full load does.
+                    if key not in managed and key not in self.backup:
+                        _call_base(super().patch_weight_to_device, key, device_to)
                 if force_patch_weights:
                     self._present_weights(device_to)
+                elif getattr(self, "is_clip", False) and reads_state_dict:
+                    # Before 0.33 a Checkpoint Save reads a text encoder's state_dict() after a
+                    # plain load (no force_patch_weights): its patched layers must be there.
+                    self._present_weights(device_to, only_patched=True)
                 self.model.model_lowvram = True
                 self.model.lowvram_patch_counter = count
                 self.model.model_loaded_weight_memory = self.loaded_size()
@@ -179,7 +193,7 @@ def make_patcher_class(mp):
                     sd[k] = type(v)(self, key, torch.empty(h.shape, dtype=dtype))
             return sd
 
-        def _present_weights(self, device_to):
+        def _present_weights(self, device_to, only_patched=False):
             """force_patch_weights: ComfyUI wants the module's weights patched, because the
             next thing it does is read state_dict() (checkpoint save, LoRA extraction and CLIP
             merge before 0.33). Present every VBAR weight as ComfyUI would hold it: in the
@@ -187,7 +201,7 @@ def make_patcher_class(mp):
             for key in sorted(self._vbar_managed()):
                 if key in self.backup:
                     continue
-                if key in self.patches or _needs_presenting(self.model, key):
+                if key in self.patches or not only_patched and _needs_presenting(self.model, key):
                     self.patch_weight_to_device(key, device_to)
 
     return VbarModelPatcher
