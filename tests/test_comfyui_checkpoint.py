@@ -43,7 +43,9 @@ def write_lora(models):
         lora[name + ".lora_up.weight"] = torch.randn(out_f, 4, generator=g) * 0.5
         lora[name + ".lora_down.weight"] = torch.randn(4, in_f, generator=g) * 0.5
     os.makedirs(os.path.join(models, "loras"), exist_ok=True)
-    save_file(lora, os.path.join(models, "loras", LORA))
+    path = os.path.join(models, "loras", LORA)
+    save_file(lora, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)   # atomic: another test server may be reading it
 
 
 def load_wf(srv, name):

@@ -34,7 +34,9 @@ def write_lora(models):
             lora[key + ".lora_up.weight"] = torch.randn(shape[0], 4, generator=g) * 0.2
             lora[key + ".lora_down.weight"] = torch.randn(4, *shape[1:], generator=g) * 0.2
     os.makedirs(os.path.join(models, "loras"), exist_ok=True)
-    save_file(lora, os.path.join(models, "loras", LORA))
+    path = os.path.join(models, "loras", LORA)
+    save_file(lora, f"{path}.{os.getpid()}.tmp")
+    os.replace(f"{path}.{os.getpid()}.tmp", path)   # atomic: another test server may be reading it
 
 
 @pytest.fixture(scope="module")
