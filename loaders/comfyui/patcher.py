@@ -197,7 +197,9 @@ def make_patcher_class(mp):
             """force_patch_weights: ComfyUI wants the module's weights patched, because the
             next thing it does is read state_dict() (checkpoint save, LoRA extraction and CLIP
             merge before 0.33). Present every VBAR weight as ComfyUI would hold it: in the
-            model's dtype, patched. Weights already identical to the file stay file views."""
+            model's dtype, patched (``only_patched``: just the patched ones). Weights already
+            identical to the file stay file views. unpatch_model puts the file's tensors back
+            (ComfyUI's backup), so the copies live only while the model is loaded."""
             for key in sorted(self._vbar_managed()):
                 if key in self.backup:
                     continue
