@@ -425,3 +425,67 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VBARGGUFTripleCLIPLoader": "VBAR GGUF Triple CLIP Loader",
     "VBARGGUFQuadrupleCLIPLoader": "VBAR GGUF Quadruple CLIP Loader",
 }
+
+
+# --- ComfyUI version floor --------------------------------------------------------------------
+# The oldest ComfyUI the whole real-ComfyUI suite passes on (measured: 0.3.40, June 2025; also
+# 0.3.64 and 0.33.0). On an older one the pack still loads, and every node says what it needs.
+MIN_COMFYUI = (0, 3, 40)
+
+
+def _version_tuple(text):
+    """(major, minor, patch) from '0.3.41', '0.4', '0.3.41rc1'; None if it does not start so."""
+    import re
+
+    m = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", str(text))
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def comfyui_version():
+    """The running ComfyUI's version string, or None outside ComfyUI (or before its
+    comfyui_version module existed, which is older than the floor)."""
+    try:
+        import comfyui_version as v
+    except ImportError:
+        return None
+    return getattr(v, "__version__", None)
+
+
+def version_problem(version):
+    """None if ``version`` meets the floor, else the message every node gives."""
+    floor = ".".join(map(str, MIN_COMFYUI))
+    got = _version_tuple(version) if version else None
+    if got is not None and got >= MIN_COMFYUI:
+        return None
+    shown = version if version else "an unknown version older than 0.3"
+    return (f"VBAR loaders need ComfyUI {floor} or newer; this is ComfyUI {shown}. "
+            f"Update ComfyUI (e.g. git pull, or the Manager's 'Update ComfyUI').")
+
+
+def _refusing(cls, message):
+    """``cls`` as a node that shows ``message`` and refuses to run (never a traceback at load)."""
+    def run(self, *args, **kwargs):
+        raise RuntimeError(message)
+
+    def input_types(klass):
+        try:
+            return cls.INPUT_TYPES()
+        except Exception:  # noqa: BLE001 - an old ComfyUI may lack what the inputs list
+            return {"required": {}}
+
+    return type(cls.__name__, (cls,), {
+        "DESCRIPTION": f"{message}\n\n{getattr(cls, 'DESCRIPTION', '')}",
+        cls.FUNCTION: run, "INPUT_TYPES": classmethod(input_types), "__module__": __name__})
+
+
+def guard_version(mappings, version):
+    message = version_problem(version)
+    if message is None:
+        return mappings
+    log.error(message)
+    return {name: _refusing(cls, message) for name, cls in mappings.items()}
+
+
+_running = comfyui_version()
+if _running is not None or "comfy" in __import__("sys").modules:
+    NODE_CLASS_MAPPINGS = guard_version(NODE_CLASS_MAPPINGS, _running)

@@ -2,10 +2,11 @@
 
 COMFYUI_PATH: a ComfyUI checkout (required). COMFY_PYTHON: its interpreter (default
 <COMFYUI_PATH>/../venv/bin/python). COMFY_HARNESS: the harness folder (default ../shared/
-comfy_harness beside this repository). COMFY_HARNESS_MODELS: the tiny models (written if absent).
+comfy_harness beside this repository). COMFY_HARNESS_MODELS: the tiny models (written if absent). COMFY_ARGS: extra ComfyUI flags.
 """
 import os
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -45,6 +46,8 @@ def start_server(harness, comfy, python, models, extra_nodes=(), **kw):
     sys.path.insert(0, harness)
     from harness import ComfyServer
 
+    # COMFY_ARGS: extra ComfyUI flags for every server of the suite (e.g. --cache-classic)
+    kw["extra_args"] = shlex.split(os.environ.get("COMFY_ARGS", "")) + list(kw.get("extra_args", ()))
     srv = ComfyServer(comfy, custom_nodes=[str(ROOT), *map(str, extra_nodes)], models_dir=models,
                       python=python, **kw)
     srv.harness_dir = harness   # where its workflows are (see load_wf)

@@ -24,31 +24,6 @@ def test_pickle_renamed_to_safetensors_is_refused(tmp_path):
     assert str(path) in str(e.value)
 
 
-def test_low_vram_patch_for_old_and_new_comfyui():
-    """ComfyUI's LowVramPatch took (key, patches) until v0.3.64, then also convert/set funcs."""
-    import types
-
-    from vbar_loaders.loaders.comfyui.patcher import _low_vram_patch
-
-    class Old:
-        def __init__(self, key, patches):
-            self.args = (key, patches)
-
-    class New:
-        def __init__(self, key, patches, convert_func=None, set_func=None):
-            self.args = (key, patches, convert_func, set_func)
-
-    def get_key_weight(model, key):
-        return None, "set", "convert"
-
-    patches = {"w": []}
-    old = _low_vram_patch(types.SimpleNamespace(LowVramPatch=Old), None, "w", patches)
-    new = _low_vram_patch(types.SimpleNamespace(LowVramPatch=New, get_key_weight=get_key_weight),
-                          None, "w", patches)
-    assert old.args == ("w", patches)
-    assert new.args == ("w", patches, "convert", "set")
-
-
 def test_triple_and_quadruple_clip_loaders_pass_their_files_in_order(monkeypatch):
     """The wiring of the 3- and 4-encoder nodes (their loading is the dual loader's, tested in
     real ComfyUI; no tiny CLIP-G exists to run SD3/HiDream encoders end to end)."""

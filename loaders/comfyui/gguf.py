@@ -76,7 +76,7 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     pins are released."""
     import comfy.sd
 
-    from .loading import wrap_model
+    from .loading import comfy_build, wrap_model
     from .ops import vbar_operations
 
     dq = choice_dtype(dequant_dtype, "dequant_dtype")
@@ -93,8 +93,8 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     check_block_counts(double_blocks, single_blocks, *count_blocks(gf.keys()), what=name)
     sd = gguf_state_dict(gf, dequant_dtype=dq)
     retire_pins(owner)
-    model = comfy.sd.load_diffusion_model_state_dict(
-        sd, model_options={"custom_operations": vbar_operations()})
+    model = comfy_build(comfy.sd.load_diffusion_model_state_dict, sd,
+                        model_options={"custom_operations": vbar_operations()})
     if model is None:
         raise GGUFError(path, f"ComfyUI does not recognise this diffusion model (GGUF "
                         f"architecture {arch or 'not recorded'})",
@@ -204,7 +204,7 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     import comfy.model_management as mm
     import comfy.sd
 
-    from .loading import _check_supported, open_checked, wrap_clip
+    from .loading import _check_supported, comfy_build, open_checked, wrap_clip
     from .ops import vbar_operations
 
     if isinstance(clip_type, str):
@@ -225,7 +225,8 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     options = {"custom_operations": vbar_operations(),
                "initial_device": mm.text_encoder_offload_device()}
     options.update(model_options or {})
-    clip = comfy.sd.load_text_encoder_state_dicts(
+    clip = comfy_build(
+        comfy.sd.load_text_encoder_state_dicts,
         state_dicts=sds, embedding_directory=embedding_directory, clip_type=clip_type,
         model_options=options)
     model = clip.cond_stage_model

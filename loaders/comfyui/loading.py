@@ -36,6 +36,35 @@ def open_checked(path):
 _warned_dynamic = False
 
 
+def comfy_build(fn, *args, **kwargs):
+    """Call one of comfy.sd's loaders so that it builds plain ModelPatchers.
+
+    Dynamic VRAM (ComfyUI 0.11+, comfy-aimdo) would otherwise give a ModelPatcherDynamic, whose
+    weights aimdo manages; a VBAR model's weights are the VBAR's. ComfyUI takes
+    ``disable_dynamic`` wherever it can build a dynamic patcher; older versions have neither."""
+    import inspect
+
+    if "disable_dynamic" in inspect.signature(fn).parameters:
+        kwargs["disable_dynamic"] = True
+    return fn(*args, **kwargs)
+
+
+def plain_patcher(patcher):
+    """A non-dynamic ModelPatcher for the same model (ComfyUI's VAE takes no disable_dynamic
+    and builds a dynamic one when Dynamic VRAM is on). Before any load: nothing to carry over
+    but the devices; aimdo's per-model records (empty until a load) are dropped with it."""
+    if not getattr(patcher, "is_dynamic", lambda: False)():
+        return patcher
+    import comfy.model_patcher
+
+    model = patcher.model
+    for attr in ("dynamic_vbars", "dynamic_pins", "dynamic_patchers"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    return comfy.model_patcher.ModelPatcher(model, load_device=patcher.load_device,
+                                            offload_device=patcher.offload_device)
+
+
 def _pool_for(device):
     from ...vram import get_pool
     from .patcher import dynamic_vram_active
@@ -169,6 +198,10 @@ def wrap_vae(vae, name, source_check=None):
     from ..runtime.vbar_modules import vbarize
     from ..runtime.weight_store import WeightStore
 
+    if getattr(vae.patcher, "is_dynamic", lambda: False)():
+        vae.patcher = plain_patcher(vae.patcher)
+        # the dynamic path assigned the file's tensors as they are; a plain load converts
+        vae.first_stage_model.to(vae.vae_dtype)
     store = WeightStore(name, _pool_for(vae.patcher.load_device), source_check=source_check)
     vbarize(vae.first_stage_model, store)
     adopt(vae.patcher, store)
@@ -187,8 +220,8 @@ def load_checkpoint(path, embedding_directory=None):
     ops = vbar_operations()
     te_options = {"custom_operations": ops,
                   "initial_device": mm.text_encoder_offload_device()}
-    out = comfy.sd.load_state_dict_guess_config(
-        sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+    out = comfy_build(
+        comfy.sd.load_state_dict_guess_config, sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
         model_options={"custom_operations": ops}, te_model_options=te_options, metadata=metadata)
     if out is None:
         raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
@@ -220,7 +253,7 @@ def load_diffusion_model(path, weight_dtype="default"):
         options["dtype"] = torch.float8_e4m3fn   # "_fast" (fp8 matmul) computes as plain fp8 here
     elif weight_dtype == "fp8_e5m2":
         options["dtype"] = torch.float8_e5m2
-    model = comfy.sd.load_diffusion_model_state_dict(sd, model_options=options)
+    model = comfy_build(comfy.sd.load_diffusion_model_state_dict, sd, model_options=options)
     if model is None:
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")

@@ -95,12 +95,13 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
     """
     import comfy.sd
 
+    from .loading import comfy_build
     from .ops import vbar_operations
 
     logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks)
     try:
-        model = comfy.sd.load_diffusion_model_state_dict(
-            logical, model_options={"custom_operations": vbar_operations()})
+        model = comfy_build(comfy.sd.load_diffusion_model_state_dict, logical,
+                            model_options={"custom_operations": vbar_operations()})
     except RuntimeError as e:
         raise _size_mismatch(path, e) from e
     if model is None:
@@ -118,7 +119,7 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
     import comfy.model_management as mm
     import comfy.sd
 
-    from .loading import wrap_clip, wrap_vae
+    from .loading import comfy_build, wrap_clip, wrap_vae
     from .ops import vbar_operations
 
     logical, weights, prefix, metadata, check = _open(path, double_blocks, single_blocks)
@@ -129,7 +130,8 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
                              "Use the VBAR NF4 Diffusion Model Loader for diffusion-model-only files")
     ops = vbar_operations()
     try:
-        out = comfy.sd.load_state_dict_guess_config(
+        out = comfy_build(
+            comfy.sd.load_state_dict_guess_config,
             logical, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
             model_options={"custom_operations": ops},
             te_model_options={"custom_operations": ops,

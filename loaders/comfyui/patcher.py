@@ -21,12 +21,21 @@ def stores_of(patcher):
 
 def patcher_class():
     global _cls
-    if _cls is not None:
-        return _cls
-    import comfy.model_patcher as mp
+    if _cls is None:
+        import comfy.model_patcher as mp
 
+        _cls = make_patcher_class(mp)
+    return _cls
+
+
+def make_patcher_class(mp):
+    """Our ModelPatcher subclass over ``mp`` (comfy.model_patcher, or a stand-in in tests)."""
     from .lora import StoredWeightPatch
     from ..runtime.vbar_modules import VbarLayer
+
+    # 0.33 reads weights for saving through patch_weight_to_device(return_weight=True); older
+    # versions read the module's state_dict().
+    reads_state_dict = "return_weight" not in _parameters(mp.ModelPatcher.patch_weight_to_device)
 
     class VbarModelPatcher(mp.ModelPatcher):
         def _vbar_managed(self):
@@ -62,6 +71,8 @@ def patcher_class():
 
         def load(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False,
                  full_load=False):
+            # lowvram_model_memory / full_load: the VBAR budget, not ComfyUI's estimate, decides
+            # what stays resident. force_patch_weights: see _present_weights.
             with self.use_ejected():
                 self.unpatch_hooks()
                 count = 0
@@ -82,6 +93,18 @@ def patcher_class():
                 for s in stores_of(self):
                     s.prioritize()
                 self.model.device = device_to
+                managed = self._vbar_managed()
+                for key in self.patches:
+                    # Layers outside the VBAR (token embeddings) are ordinary tensors on the
+                    # device: patched ComfyUI's way, into the module, as a full load does.
+                    if key not in managed and key not in self.backup:
+                        _call_base(super().patch_weight_to_device, key, device_to)
+                if force_patch_weights:
+                    self._present_weights(device_to)
+                elif getattr(self, "is_clip", False) and reads_state_dict:
+                    # Before 0.33 a Checkpoint Save reads a text encoder's state_dict() after a
+                    # plain load (no force_patch_weights): its patched layers must be there.
+                    self._present_weights(device_to, only_patched=True)
                 self.model.model_lowvram = True
                 self.model.lowvram_patch_counter = count
                 self.model.model_loaded_weight_memory = self.loaded_size()
@@ -97,7 +120,9 @@ def patcher_class():
                 s.drop_prefetched()
             return super().cleanup()
 
-        def partially_unload(self, device_to, memory_to_free=0):
+        def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
+            # Eviction frees pages; patches stay applied when a page faults back in, so a
+            # VBAR model never needs ComfyUI's low-VRAM patches installed here.
             for s in stores_of(self):
                 s.drop_prefetched()
             freed = 0
@@ -105,6 +130,8 @@ def patcher_class():
                 if freed >= memory_to_free:
                     break
                 freed += s.free_memory(memory_to_free - freed)
+            if force_patch_weights:
+                self._present_weights(device_to)
             self.model.model_loaded_weight_memory = self.loaded_size()
             return freed
 
@@ -117,34 +144,208 @@ def patcher_class():
                     s.free_memory()
             return super().detach(unpatch_all)
 
-        def patch_weight_to_device(self, key, device_to=None, inplace_update=False):
-            if key in self._vbar_managed():
-                return   # applied at fault time; writing it into the module would copy the model
-            return super().patch_weight_to_device(key, device_to, inplace_update)
+        def patch_weight_to_device(self, key, device_to=None, inplace_update=False,
+                                   return_weight=False, force_cast=False):
+            if key not in self._vbar_managed():
+                return _call_base(super().patch_weight_to_device, key, device_to, inplace_update,
+                                  return_weight=return_weight, force_cast=force_cast)
+            # A VBAR layer's parameter is the file's tensor (for quantized weights only its
+            # shape), not what ComfyUI would hold. Put that weight in its place, then let
+            # ComfyUI's own method patch it: the result is the stock loader's, bit for bit.
+            logical = _logical_weight(self.model, key, self.offload_device)
+            if return_weight:
+                # Saving a checkpoint or extracting a LoRA (0.33): the weight, patched, and
+                # the module left as it was.
+                with _param_swapped(self.model, key, logical):
+                    return _call_base(super().patch_weight_to_device, key, device_to,
+                                      inplace_update, return_weight=True, force_cast=force_cast)
+            # The weight patched into the module, as ComfyUI's "patched weights" are: readers
+            # of state_dict() see it, and unpatch_model restores the original from the backup.
+            # Our layers still compute from the VBAR (patches applied at fault time).
+            import comfy.utils
 
-    _cls = VbarModelPatcher
-    return _cls
+            if key not in self.backup:
+                self.backup[key] = _Backup(comfy.utils.get_attr(self.model, key), False)
+            comfy.utils.set_attr_param(self.model, key, logical)
+            if key in self.patches or force_cast:
+                _call_base(super().patch_weight_to_device, key, device_to, False,
+                           force_cast=force_cast)
+                # keep the copy in host memory: VRAM belongs to the VBAR budget
+                comfy.utils.set_attr_param(self.model, key, comfy.utils.get_attr(
+                    self.model, key).to(self.offload_device))
+
+        def model_state_dict_for_saving(self, model=None, prefix=""):
+            # 0.33 saves through lazy parameters that take their shape and dtype from the
+            # module's tensor and their data from patch_weight_to_device(return_weight=True).
+            # A VBAR layer's tensor is the file's (another dtype where ComfyUI converts at
+            # load; packed bytes if quantized), so describe the weight as ComfyUI holds it. The
+            # placeholder is never written or read: its pages are never touched.
+            import torch
+
+            sd = super().model_state_dict_for_saving(model, prefix)
+            managed = self._vbar_managed()
+            for k, v in list(sd.items()):
+                key = prefix + k
+                if key not in managed or type(v).__name__ != "LazyCastingParam":
+                    continue
+                m, pname = _layer_of(self.model, key)
+                h = m._vbar_handles[pname]
+                dtype = _weight_dtype(h)
+                if v.dtype != dtype or tuple(v.shape) != h.shape:
+                    sd[k] = type(v)(self, key, torch.empty(h.shape, dtype=dtype))
+            return sd
+
+        def _present_weights(self, device_to, only_patched=False):
+            """force_patch_weights: ComfyUI wants the module's weights patched, because the
+            next thing it does is read state_dict() (checkpoint save, LoRA extraction and CLIP
+            merge before 0.33). Present every VBAR weight as ComfyUI would hold it: in the
+            model's dtype, patched (``only_patched``: just the patched ones). Weights already
+            identical to the file stay file views. unpatch_model puts the file's tensors back
+            (ComfyUI's backup), so the copies live only while the model is loaded."""
+            for key in sorted(self._vbar_managed()):
+                if key in self.backup:
+                    continue
+                if key in self.patches or not only_patched and _needs_presenting(self.model, key):
+                    self.patch_weight_to_device(key, device_to)
+
+    return VbarModelPatcher
 
 
-def _low_vram_patch(mp, model, key, patches):
-    """ComfyUI's LowVramPatch for ``key``. Until October 2025 (v0.3.64) it took (key, patches); the
-    convert/set functions it takes since are for scaled-fp8 weights, which we do not load."""
-    if _takes_two_args(mp.LowVramPatch):
-        return mp.LowVramPatch(key, patches)
-    _, set_func, convert_func = mp.get_key_weight(model, key)
-    return mp.LowVramPatch(key, patches, convert_func, set_func)
+def signature_problems(cls=None):
+    """What a caller of ComfyUI's ModelPatcher could pass that ``cls``'s overrides would reject:
+    one line per problem, empty when every override takes every parameter of the method it
+    replaces, in the same positions, with the same defaults (so an omitted argument means what
+    ComfyUI means). Checks the installed ComfyUI when ``cls`` is None."""
+    import inspect
+
+    cls = cls or patcher_class()
+    base = cls.__mro__[1]
+    problems = []
+    for name, ours in vars(cls).items():
+        theirs = getattr(base, name, None)
+        if name.startswith("__") or not callable(ours) or theirs is None:
+            continue
+        ps, pb = inspect.signature(ours).parameters, inspect.signature(theirs).parameters
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in ps.values())
+        ours_pos = [n for n, p in ps.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        for i, (pname, p) in enumerate(pb.items()):
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                if not any(q.kind is p.kind for q in ps.values()):
+                    problems.append(f"{name}: ComfyUI's takes {p}, ours does not")
+                continue
+            q = ps.get(pname)
+            if q is None:
+                if not var_kw:
+                    problems.append(f"{name}: ComfyUI's takes '{pname}', ours does not")
+                continue
+            if p.kind is not p.KEYWORD_ONLY and (i >= len(ours_pos) or ours_pos[i] != pname):
+                problems.append(f"{name}: '{pname}' is argument {i} (self = 0) in ComfyUI's, not in ours")
+            if p.default is not q.default and p.default != q.default:
+                problems.append(f"{name}: '{pname}' defaults to {p.default!r} in ComfyUI's, "
+                                f"{q.default!r} in ours")
+        for pname, q in ps.items():
+            if pname not in pb and q.default is q.empty and q.kind not in (q.VAR_POSITIONAL,
+                                                                          q.VAR_KEYWORD):
+                problems.append(f"{name}: ours requires '{pname}', which ComfyUI's callers never pass")
+    return problems
+
+
+def _call_base(method, *args, **kwargs):
+    """Call ComfyUI's ``method`` with the keyword arguments it takes. An older ComfyUI lacks some
+    of our parameters (e.g. ``return_weight`` before 0.33); they are dropped only while they
+    hold their default, i.e. when nobody asked for what that ComfyUI cannot do."""
+    params = _parameters(getattr(method, "__func__", method))
+    for name in list(kwargs):
+        if name not in params:
+            if kwargs[name]:
+                raise TypeError(f"this ComfyUI's {method.__qualname__} has no '{name}' parameter")
+            del kwargs[name]
+    return method(*args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_two_args(cls):   # asked once per loaded patched weight: inspect once per class
+def _parameters(func):
     import inspect
 
-    return len(inspect.signature(cls).parameters) < 4
+    return frozenset(inspect.signature(func).parameters)
+
+
+class _Backup(tuple):
+    """ComfyUI's backup record (a namedtuple ``(weight, inplace_update)`` in every version)."""
+    __slots__ = ()
+
+    def __new__(cls, weight, inplace_update):
+        return super().__new__(cls, (weight, inplace_update))
+
+    weight = property(lambda self: self[0])
+    inplace_update = property(lambda self: self[1])
+
+
+def _layer_of(model, key):
+    import comfy.utils
+
+    name, _, pname = key.rpartition(".")
+    return comfy.utils.get_attr(model, name) if name else model, pname
+
+
+def _weight_dtype(h):
+    """The dtype ComfyUI would hold this weight in: the store dtype, or for a quantized weight
+    what it decodes to (the loader's dequant dtype, else float32)."""
+    import torch
+
+    if h.decode is None:
+        return h.store_dtype
+    dq = getattr(h.decode, "weight_dtype", None) or getattr(h.decode, "dequant_dtype", None)
+    return dq if isinstance(dq, torch.dtype) else torch.float32
+
+
+def _needs_presenting(model, key):
+    m, pname = _layer_of(model, key)
+    h = m._vbar_handles[pname]
+    return h.decode is not None or h.source.dtype != h.store_dtype
+
+
+def _logical_weight(model, key, device):
+    """A fresh tensor holding ``key``'s weight as ComfyUI would hold it (unpatched)."""
+    import torch
+
+    m, pname = _layer_of(model, key)
+    h = m._vbar_handles[pname]
+    store = m._vbar_store
+    if store.source_check is not None:
+        store.source_check(key)
+    with torch.inference_mode(False):
+        w = store._materialize(h, device, _weight_dtype(h), copy=True)
+        if w.data_ptr() == h.source.data_ptr():
+            w = w.clone()
+        return torch.nn.Parameter(w, requires_grad=False)
+
+
+class _param_swapped:
+    def __init__(self, model, key, value):
+        self.model, self.key, self.value = model, key, value
+
+    def __enter__(self):
+        import comfy.utils
+
+        self.old = comfy.utils.get_attr(self.model, self.key)
+        comfy.utils.set_attr_param(self.model, self.key, self.value)
+
+    def __exit__(self, *exc):
+        import comfy.utils
+
+        comfy.utils.set_attr(self.model, self.key, self.old)   # the very object it held
 
 
 def adopt(patcher, store):
     """Turn a stock ModelPatcher into ours and tie ``store``'s lifetime to its model."""
     cls = patcher_class()
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        # The loaders build with disable_dynamic=True; a dynamic patcher here means a ComfyUI
+        # path that ignores it. Re-classing would leave aimdo's per-model state behind.
+        raise RuntimeError(f"VBAR: ComfyUI gave a Dynamic VRAM patcher ({type(patcher).__name__}) "
+                           f"for a VBAR model; start ComfyUI with --disable-dynamic-vram and "
+                           f"report this ComfyUI version")
     patcher.__class__ = cls
     patcher._vbar_size = None
     module = patcher.model
