@@ -55,16 +55,24 @@ class VBARDiffusionModelLoader:
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "tooltip": "The dtype the VRAM copy holds. fp8 halves VRAM use; '_fast' computes "
                            "like plain fp8 here."}),
-        }}
+        }, "optional": _first_blocks_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, weight_dtype):
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name, blocks_cuda_size=0):
+        if not blocks_cuda_size:
+            return True      # nothing pinned: the file is checked when it is loaded
+        return _validate_blocks("diffusion_models", unet_name, 0, 0, blocks_cuda_size)
+
+    def load(self, unet_name, weight_dtype, blocks_cuda_size=0, unique_id=None):
         from .loaders.comfyui.loading import load_diffusion_model
 
-        return (load_diffusion_model(_path("diffusion_models", unet_name), weight_dtype),)
+        return (load_diffusion_model(_path("diffusion_models", unet_name), weight_dtype,
+                                     blocks_cuda_size,
+                                     owner=("VBARDiffusionModelLoader", unique_id or id(self))),)
 
 
 class VBARSetBudget:
@@ -152,7 +160,19 @@ def _block_inputs(default=7, formats=("bf16", "nf4")):
     }
 
 
-def _validate_blocks(folder, name, double, single):
+def _first_blocks_input():
+    # Optional, default 0: workflows saved before it existed load unchanged.
+    return {"blocks_cuda_size": ("INT", {
+        "default": 0, "min": 0, "max": 10000,
+        "tooltip": "How many of the model's first blocks (in the order they run) stay resident "
+                   "in VRAM for the whole run; every other layer faults in within the VRAM budget. "
+                   "0 = none. Works for every family with repeated blocks (Flux/Chroma/HunyuanVideo "
+                   "double then single blocks, HiDream, SD3, Qwen-Image, LTX-Video, Wan, SD1/SDXL "
+                   "input then output blocks); a count above what the file has is refused when "
+                   "the prompt is queued, naming the file's counts."})}
+
+
+def _validate_blocks(folder, name, double, single, first=0):
     # Runs when the prompt is queued, before anything executes: a count above what the file
     # has is refused with the real counts instead of failing halfway through a run.
     import folder_paths
@@ -162,7 +182,7 @@ def _validate_blocks(folder, name, double, single):
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         return f"Model in folder '{folder}' with filename '{name}' not found."
-    return validate_block_counts(path, double, single)
+    return validate_block_counts(path, double, single, first)
 
 
 class VBARNF4CheckpointLoader:
@@ -272,8 +292,9 @@ def _clip_options(device):
 class VBARGGUFDiffusionModelLoader:
     DESCRIPTION = ("Loads a GGUF diffusion model (Flux, SD1.x, SDXL, SD3 ...). The VRAM budget "
                    "holds the quantized bytes, 4-8x smaller than bf16, so far more of the model "
-                   "stays resident; each layer is dequantized on the device as it runs. For Flux, "
-                   "the first double/single blocks can be pinned resident.")
+                   "stays resident; each layer is dequantized on the device as it runs. The first "
+                   "N blocks of any family (or Flux's first double/single blocks) can be pinned "
+                   "resident.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -291,7 +312,8 @@ class VBARGGUFDiffusionModelLoader:
                            "float32 is the most precise."}),
         },
             # Optional so that workflows saved before these inputs existed still load.
-            "optional": _block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),
+            "optional": {**_block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),
+                         **_first_blocks_input()},
             "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
@@ -299,18 +321,21 @@ class VBARGGUFDiffusionModelLoader:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size=0, single_blocks_cuda_size=0):
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size=0, single_blocks_cuda_size=0,
+                        blocks_cuda_size=0):
         return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
-                                single_blocks_cuda_size)
+                                single_blocks_cuda_size, blocks_cuda_size)
 
     def load(self, unet_name, dequant_dtype="default", patch_dtype="default",
-             double_blocks_cuda_size=0, single_blocks_cuda_size=0, unique_id=None):
+             double_blocks_cuda_size=0, single_blocks_cuda_size=0, blocks_cuda_size=0,
+             unique_id=None):
         from .loaders.comfyui.gguf import load_gguf_diffusion_model
 
         return (load_gguf_diffusion_model(
             _path("diffusion_models", unet_name), dequant_dtype, patch_dtype,
             double_blocks_cuda_size, single_blocks_cuda_size,
-            owner=("VBARGGUFDiffusionModelLoader", unique_id or id(self))),)
+            owner=("VBARGGUFDiffusionModelLoader", unique_id or id(self)),
+            first_blocks=blocks_cuda_size),)
 
 
 class VBARGGUFCLIPLoader:
