@@ -276,7 +276,8 @@ def write_comfyui_gguf(path, state_dict, qtype=QT.F16, arch=None):
     """A diffusion model's state dict -> a GGUF laid out as ComfyUI-GGUF's converter writes it,
     then quantized to ``qtype`` the way its llama.cpp step does (where a row fits the block).
 
-    F32 for 1-D tensors, tensors of at most 1024 elements and the arch's high-precision keys;
+    F32 (F16 from an fp16 source) for 1-D tensors, tensors of at most 1024 elements and the
+    arch's high-precision keys;
     5-D tensors (3-D conv weights) kept 5-D in F32, as fix_5d_tensors adds them back; for the
     UNets (sd1/sdxl) multi-dimensional weights whose last dimension is not a multiple of 256 are
     stored as (n/256, 256) rows with a ``comfy.gguf.orig_shape.<name>`` record. Returns the arch.
@@ -287,8 +288,14 @@ def write_comfyui_gguf(path, state_dict, qtype=QT.F16, arch=None):
     for name, t in state_dict.items():
         x = t.float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
         n = x.size
-        if x.ndim > 4 or x.ndim <= 1 or n <= 1024 or any(h in name for h in hiprec):
+        if x.ndim > 4:                      # fix_5d_tensors adds them back as F32
             tensors[name] = (x, QT.F32)
+            continue
+        if x.ndim <= 1 or n <= 1024 or any(h in name for h in hiprec):
+            # The converter keeps these F32 only from a float32/bf16 source; an fp16 file's
+            # stay F16 (and llama.cpp's quantize step leaves 1-D tensors as they are).
+            fp16 = isinstance(t, torch.Tensor) and t.dtype == torch.float16
+            tensors[name] = (x, QT.F16 if fp16 else QT.F32)
             continue
         if shape_fix and n >= 512 and n % 256 == 0 and x.shape[-1] % 256:
             orig[name] = (n // 256, 256)
