@@ -102,7 +102,14 @@ class VBARSetBudget:
                                f"(e.g. cuda-python is not installed)")
         budget = int(budget_gb * (1 << 30)) or None
         if budget is None and pool.backend.capacity() is None:
-            budget = pool._budget
+            # 0 on a device without a capacity (CPU) means its default, as the tooltip says:
+            # keeping the pool's current budget kept whatever an earlier run had set.
+            import os
+
+            from .vram import parse_bytes
+
+            env = os.environ.get("VBAR_BUDGET")
+            budget = parse_bytes(env) if env else 8 << 30
         pool.set_budget(budget, int(headroom_gb * (1 << 30)))
         log.info("VBAR budget on %s: %.2f GB usable", model.load_device, pool.budget() / 2**30)
         return (model,)
@@ -231,25 +238,27 @@ class VBARNF4DiffusionModelLoader:
                 "tooltip": "For a bf16/fp16 file: quantize every Linear weight of the diffusion model "
                            "to NF4 (bitsandbytes layout, blocksize 64) while loading; other weights "
                            "stay as they are. Ignored for files that are already 4-bit."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": _first_blocks_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size):
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size,
+                        blocks_cuda_size=0):
         return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
-                             single_blocks_cuda_size)
+                                single_blocks_cuda_size, blocks_cuda_size)
 
     def load(self, unet_name, double_blocks_cuda_size, single_blocks_cuda_size, quantize_on_load,
-             unique_id=None):
+             blocks_cuda_size=0, unique_id=None):
         from .loaders.comfyui.nf4 import load_nf4_diffusion_model
 
         return (load_nf4_diffusion_model(_path("diffusion_models", unet_name),
                                          double_blocks_cuda_size, single_blocks_cuda_size,
                                          quantize_on_load,
-                                         owner=("VBARNF4DiffusionModelLoader", unique_id or id(self))),)
+                                         owner=("VBARNF4DiffusionModelLoader", unique_id or id(self)),
+                                         first_blocks=blocks_cuda_size),)
 
 
 # --- VBAR GGUF loaders (quantized bytes in the VBAR, dequantized per use) ---------------------

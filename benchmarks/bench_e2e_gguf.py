@@ -11,6 +11,10 @@ the goal is 0.5 or lower.
 Models: the harness's tiny Flux as a Q8_0 GGUF, and a tiny Wan 2.1 (tests/tiny_wan.py) as a
 Q8_0 GGUF laid out as ComfyUI-GGUF writes Wan (5-D F32 patch embedding); both written with
 tests/gguf_helpers.write_comfyui_gguf into a scratch models folder.
+``--floor`` adds a third pipeline: ComfyUI's stock UNETLoader on the GGUF's weights decoded
+to float32 safetensors, i.e. the same model with no dequantization at all. On a CPU, where
+both loaders keep every weight in the one memory and dequantize per use, that is the floor
+neither GGUF loader can go below.
 Budgets: unlimited, and a tenth of the GGUF file (VBAR Set Budget, headroom 0) for the pack;
 ComfyUI-GGUF has no budget on CPU (it keeps the model where ComfyUI puts it), so it runs
 unlimited in both rows.
@@ -44,11 +48,12 @@ def comfy_setup(args):
     return comfy, python, harness, base
 
 
-def write_models(models, comfy, python, base, families):
-    """{family: (gguf file name, bytes)} written into ``models``/diffusion_models."""
+def write_models(models, comfy, python, base, families, floor=False):
+    """{family: (gguf file name, bytes)} written into ``models``/diffusion_models (with
+    ``floor``, each also as <name>.ref.safetensors: its weights decoded by gguf-py, float32)."""
     sys.path.insert(0, str(TESTS))
     from gguf import GGMLQuantizationType as QT
-    from gguf_helpers import write_comfyui_gguf
+    from gguf_helpers import write_comfyui_gguf, write_reference_safetensors
     from safetensors.torch import load_file
 
     out = {}
@@ -65,6 +70,9 @@ def write_models(models, comfy, python, base, families):
                            load_file(os.path.join(base, "diffusion_models", "tiny_flux.safetensors")),
                            QT.Q8_0)
         out["flux"] = "bench_flux_Q8_0.gguf"
+    if floor:
+        for name in out.values():
+            write_reference_safetensors(dm / name, dm / (name + ".ref.safetensors"))
     return {f: (name, (dm / name).stat().st_size) for f, name in out.items()}
 
 
@@ -80,7 +88,7 @@ FAMILY = {
 QUICK_SIZE = {"flux": {"width": 64, "height": 64}, "wan": {"width": 64, "height": 64, "length": 5}}
 
 
-def prompt(family, unet, budget_gb, steps, seed, quick):
+def prompt(family, unet, budget_gb, steps, seed, quick, floor=False):
     latent, (tokens, dim, pooled), (sampler, scheduler, cfg) = FAMILY[family]
     latent = json.loads(json.dumps(latent))
     if quick:
@@ -95,7 +103,12 @@ def prompt(family, unet, budget_gb, steps, seed, quick):
         "v_budget": {"class_type": "VBARSetBudget", "inputs": {
             "model": ["v_load", 0], "budget_gb": budget_gb, "headroom_gb": 0.0}},
     }
-    for tag, model in (("g", ["g_load", 0]), ("v", ["v_budget", 0])):
+    pipes = [("g", ["g_load", 0]), ("v", ["v_budget", 0])]
+    if floor:
+        p["s_load"] = {"class_type": "UNETLoader", "inputs": {
+            "unet_name": unet + ".ref.safetensors", "weight_dtype": "default"}}
+        pipes.append(("s", ["s_load", 0]))
+    for tag, model in pipes:
         p[f"{tag}_ks"] = {"class_type": "KSampler", "inputs": {
             "model": model, "positive": ["cond", 0], "negative": ["cond", 0],
             "latent_image": ["lat", 0], "seed": seed, "steps": steps, "cfg": cfg,
@@ -105,10 +118,10 @@ def prompt(family, unet, budget_gb, steps, seed, quick):
     return p
 
 
-def measure(srv, family, unet, budget_gb, steps, runs, quick):
-    times = {"g": [], "v": []}
+def measure(srv, family, unet, budget_gb, steps, runs, quick, floor=False):
+    times = {"g": [], "v": [], **({"s": []} if floor else {})}
     for i in range(runs + 1):                  # run 0: warm-up (loads, first faults)
-        res = srv.run(prompt(family, unet, budget_gb, steps, 1000 + i, quick))
+        res = srv.run(prompt(family, unet, budget_gb, steps, 1000 + i, quick, floor))
         if res.status != "success":
             raise RuntimeError(f"{family} budget {budget_gb}: {res.errors}\n{srv.log_tail(40)}")
         if i:
@@ -126,6 +139,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny Wan, 64 px, 1 run of 2 steps")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time stock UNETLoader on the decoded float32 weights")
     args = ap.parse_args(argv)
     families = ["wan"] if args.quick else args.families.split(",")
     runs, steps = (1, 2) if args.quick else (args.runs, args.steps)
@@ -139,7 +154,7 @@ def main(argv=None):
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_e2e_gguf_") as tmp:
         models = pathlib.Path(tmp, "models")
-        files = write_models(models, comfy, python, base, families)
+        files = write_models(models, comfy, python, base, families, args.floor)
         # A link named ComfyUI-GGUF in the run dir's custom_nodes (the harness links each path).
         link = pathlib.Path(tmp, "ComfyUI-GGUF")
         os.symlink(gguf_src, link)
@@ -154,14 +169,21 @@ def main(argv=None):
             for family in families:
                 unet, size = files[family]
                 for label, budget_gb in (("unlimited", 0.0), ("1/10 model", size / 10 / 2**30)):
-                    med, raw = measure(srv, family, unet, budget_gb, steps, runs, args.quick)
+                    med, raw = measure(srv, family, unet, budget_gb, steps, runs, args.quick,
+                                       args.floor)
                     row = {"family": family, "budget": label, "model_bytes": size,
                            "comfyui_gguf_s": med["g"], "pack_s": med["v"],
                            "ratio": med["v"] / med["g"], "runs": raw}
+                    floor_txt = ""
+                    if args.floor:
+                        row["floor_s"] = med["s"]
+                        floor_txt = (f"  floor (stock, float32) {med['s']:7.3f} s = "
+                                     f"{med['s'] / med['g']:.2f} of ComfyUI-GGUF")
                     results.append(row)
                     print(f"{family:5s} {label:11s} ComfyUI-GGUF {med['g']:7.3f} s  pack "
                           f"{med['v']:7.3f} s  pack/ComfyUI-GGUF {row['ratio']:.2f} "
-                          f"(goal <= 0.50; KSampler, median of {runs}, {steps} steps)", flush=True)
+                          f"(goal <= 0.50; KSampler, median of {runs}, {steps} steps){floor_txt}",
+                          flush=True)
         finally:
             srv.stop()
     if args.json:

@@ -29,7 +29,8 @@ SCHEMA = {
                                 [("LATENT", "LATENT")]),
     "VBARGGUFDualCLIPLoader": ([], ["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")]),
     "VBARNF4DiffusionModelLoader": ([], ["unet_name", "double_blocks_cuda_size",
-                                         "single_blocks_cuda_size", "quantize_on_load"],
+                                         "single_blocks_cuda_size", "quantize_on_load",
+                                         "blocks_cuda_size"],
                                     [("MODEL", "MODEL")]),
     "VBARSetBudget": ([("model", "MODEL")], ["budget_gb", "headroom_gb"], [("MODEL", "MODEL")]),
     "VBARVRAMMonitor": ([("passthrough", "*")], [],
@@ -125,7 +126,7 @@ def flux_nf4_pinned():
     resident (never evicted), the rest faulted in within the budget."""
     wf = flux({"class_type": "VBARNF4DiffusionModelLoader", "inputs": {
         "unet_name": "flux1-dev.safetensors", "double_blocks_cuda_size": 4,
-        "single_blocks_cuda_size": 8, "quantize_on_load": True}})
+        "single_blocks_cuda_size": 8, "quantize_on_load": True, "blocks_cuda_size": 0}})
     return monitor_and_save(wf, "9", "vbar_flux_nf4")
 
 

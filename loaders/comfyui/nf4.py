@@ -12,7 +12,7 @@ import os
 
 from .pins import follow_pins, retire_pins
 from ..errors import ModelFileError, NF4Error
-from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks
+from ..runtime.blocks import check_pins, pin_blocks
 
 log = logging.getLogger("vbar")
 
@@ -25,14 +25,14 @@ def _unet_prefix(sd):
     return prefix if any(k.startswith(prefix) for k in sd) else ""
 
 
-def _open(path, double, single):
+def _open(path, double, single, first=0):
     from .loading import _check_supported, open_checked
     from ..nf4.model import split_nf4_state_dict
 
     sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
     logical, weights = split_nf4_state_dict(sd, path)
-    check_block_counts(double, single, *count_blocks(logical), what=os.path.basename(str(path)))
+    check_pins(logical, double, single, first, what=os.path.basename(str(path)))
     prefix = _unet_prefix(logical)
     outside = [p for p in weights if not p.startswith(prefix)]
     if outside:
@@ -52,7 +52,8 @@ def _size_mismatch(path, e):
     return e
 
 
-def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_load, check, owner):
+def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_load, check, owner,
+                  first=0):
     """Attach the 4-bit weights, pin blocks, put the model behind the VBAR."""
     import comfy.model_management as mm
 
@@ -70,23 +71,24 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
         log.info("%s: %d Linear weights quantized to NF4 on load", name, len(q))
         if device is not None:
             mm.soft_empty_cache()
-    pin_blocks(diffusion, double, single, what=name)
+    pin_blocks(diffusion, double, single, what=name, first=first)
     wrap_model(patcher, name, source_check=check)
-    follow_pins(patcher, name, double, single, owner)
+    follow_pins(patcher, name, double, single, owner, first=first)
     return patcher
 
 
 def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on_load=False,
-                             owner=None):
+                             owner=None, first_blocks=0):
     """MODEL from an NF4/FP4 diffusion model file (or a float one, quantized if asked).
 
     ``owner``: a token for the caller (e.g. the node); its previous load's pins are released.
+    ``first_blocks``: pin the first N blocks of any family instead of Flux's double/single.
     """
     import comfy.sd
 
     from .ops import vbar_operations
 
-    logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks)
+    logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks, first_blocks)
     retire_pins(owner)
     try:
         model = comfy.sd.load_diffusion_model_state_dict(
@@ -97,7 +99,7 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
     return _finish_model(model, path, weights, prefix, double_blocks, single_blocks,
-                         quantize_on_load, check, owner)
+                         quantize_on_load, check, owner, first_blocks)
 
 
 def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_directory=None,
