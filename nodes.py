@@ -55,16 +55,24 @@ class VBARDiffusionModelLoader:
             "weight_dtype": (list(WEIGHT_DTYPES), {
                 "tooltip": "The dtype the VRAM copy holds. fp8 halves VRAM use; '_fast' computes "
                            "like plain fp8 here."}),
-        }}
+        }, "optional": _first_blocks_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, weight_dtype):
+    @classmethod
+    def VALIDATE_INPUTS(cls, unet_name, blocks_cuda_size=0):
+        if not blocks_cuda_size:
+            return True      # nothing pinned: the file is checked when it is loaded
+        return _validate_blocks("diffusion_models", unet_name, 0, 0, blocks_cuda_size)
+
+    def load(self, unet_name, weight_dtype, blocks_cuda_size=0, unique_id=None):
         from .loaders.comfyui.loading import load_diffusion_model
 
-        return (load_diffusion_model(_path("diffusion_models", unet_name), weight_dtype),)
+        return (load_diffusion_model(_path("diffusion_models", unet_name), weight_dtype,
+                                     blocks_cuda_size,
+                                     owner=("VBARDiffusionModelLoader", unique_id or id(self))),)
 
 
 class VBARSetBudget:
@@ -78,9 +86,8 @@ class VBARSetBudget:
             "model": ("MODEL",),
             "budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.25,
                                     "tooltip": "0 = the whole card (this lifts a VBAR_BUDGET limit too). "
-                                               "On a CPU-only ComfyUI, which has no card, 0 keeps "
-                                               "the budget the pool has (VBAR_BUDGET, else 8 GB, "
-                                               "until a budget is set)."}),
+                                               "On a CPU-only ComfyUI, which has no card, 0 means "
+                                               "the simulated card's default: VBAR_BUDGET, else 8 GB."}),
             "headroom_gb": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1024.0, "step": 0.25,
                                       "tooltip": "Taken off the budget (or the card), kept free for "
                                                   "activations and other programs."}),
@@ -99,7 +106,14 @@ class VBARSetBudget:
                                f"(e.g. cuda-python is not installed)")
         budget = int(budget_gb * (1 << 30)) or None
         if budget is None and pool.backend.capacity() is None:
-            budget = pool.limit
+            # 0 on a device without a capacity (CPU) means its default, as the tooltip says:
+            # keeping the pool's current budget kept whatever an earlier run had set.
+            import os
+
+            from .vram import parse_bytes
+
+            env = os.environ.get("VBAR_BUDGET")
+            budget = parse_bytes(env) if env else 8 << 30
         pool.set_budget(budget, int(headroom_gb * (1 << 30)))
         log.info("VBAR budget on %s: %.2f GB usable", model.load_device, pool.budget() / 2**30)
         return (model,)
@@ -157,7 +171,19 @@ def _block_inputs(default=7, formats=("bf16", "nf4")):
     }
 
 
-def _validate_blocks(folder, name, double, single):
+def _first_blocks_input():
+    # Optional, default 0: workflows saved before it existed load unchanged.
+    return {"blocks_cuda_size": ("INT", {
+        "default": 0, "min": 0, "max": 10000,
+        "tooltip": "How many of the model's first blocks (in the order they run) stay resident "
+                   "in VRAM for the whole run; every other layer faults in within the VRAM budget. "
+                   "0 = none. Works for every family with repeated blocks (Flux/Chroma/HunyuanVideo "
+                   "double then single blocks, HiDream, SD3, Qwen-Image, LTX-Video, Wan, SD1/SDXL "
+                   "input then output blocks); a count above what the file has is refused when "
+                   "the prompt is queued, naming the file's counts."})}
+
+
+def _validate_blocks(folder, name, double, single, first=0):
     # Runs when the prompt is queued, before anything executes: a count above what the file
     # has is refused with the real counts instead of failing halfway through a run.
     import folder_paths
@@ -167,7 +193,7 @@ def _validate_blocks(folder, name, double, single):
     path = folder_paths.get_full_path(folder, name)
     if path is None:
         return f"Model in folder '{folder}' with filename '{name}' not found."
-    return validate_block_counts(path, double, single)
+    return validate_block_counts(path, double, single, first)
 
 
 class VBARNF4CheckpointLoader:
@@ -216,25 +242,27 @@ class VBARNF4DiffusionModelLoader:
                 "tooltip": "For a bf16/fp16 file: quantize every Linear weight of the diffusion model "
                            "to NF4 (bitsandbytes layout, blocksize 64) while loading; other weights "
                            "stay as they are. Ignored for files that are already 4-bit."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+        }, "optional": _first_blocks_input(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size):
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size, single_blocks_cuda_size,
+                        blocks_cuda_size=0):
         return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
-                             single_blocks_cuda_size)
+                                single_blocks_cuda_size, blocks_cuda_size)
 
     def load(self, unet_name, double_blocks_cuda_size, single_blocks_cuda_size, quantize_on_load,
-             unique_id=None):
+             blocks_cuda_size=0, unique_id=None):
         from .loaders.comfyui.nf4 import load_nf4_diffusion_model
 
         return (load_nf4_diffusion_model(_path("diffusion_models", unet_name),
                                          double_blocks_cuda_size, single_blocks_cuda_size,
                                          quantize_on_load,
-                                         owner=("VBARNF4DiffusionModelLoader", unique_id or id(self))),)
+                                         owner=("VBARNF4DiffusionModelLoader", unique_id or id(self)),
+                                         first_blocks=blocks_cuda_size),)
 
 
 # --- VBAR GGUF loaders (quantized bytes in the VBAR, dequantized per use) ---------------------
@@ -276,9 +304,10 @@ def _clip_options(device):
 
 class VBARGGUFDiffusionModelLoader:
     DESCRIPTION = ("Loads a GGUF diffusion model (Flux, SD1.x, SDXL, SD3 ...). The VRAM budget "
-                   "holds the quantized bytes (Q8_0 to Q2_K: 2-6x smaller than bf16), so far more of the model "
-                   "stays resident; each layer is dequantized on the device as it runs. For Flux, "
-                   "the first double/single blocks can be pinned resident.")
+                   "holds the quantized bytes (Q8_0 to Q2_K: 2-6x smaller than bf16), so far more of "
+                   "the model stays resident; each layer is dequantized on the device as it runs. "
+                   "The first N blocks of any family (or Flux's first double/single blocks) can be "
+                   "pinned resident.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -296,7 +325,8 @@ class VBARGGUFDiffusionModelLoader:
                            "target: the compute dtype; float32 is the most precise."}),
         },
             # Optional so that workflows saved before these inputs existed still load.
-            "optional": _block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),
+            "optional": {**_block_inputs(default=0, formats=("bf16", "q8_0", "q4_k")),
+                         **_first_blocks_input()},
             "hidden": {"unique_id": "UNIQUE_ID"}}
 
     RETURN_TYPES = ("MODEL",)
@@ -304,18 +334,21 @@ class VBARGGUFDiffusionModelLoader:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size=0, single_blocks_cuda_size=0):
+    def VALIDATE_INPUTS(cls, unet_name, double_blocks_cuda_size=0, single_blocks_cuda_size=0,
+                        blocks_cuda_size=0):
         return _validate_blocks("diffusion_models", unet_name, double_blocks_cuda_size,
-                                single_blocks_cuda_size)
+                                single_blocks_cuda_size, blocks_cuda_size)
 
     def load(self, unet_name, dequant_dtype="default", patch_dtype="default",
-             double_blocks_cuda_size=0, single_blocks_cuda_size=0, unique_id=None):
+             double_blocks_cuda_size=0, single_blocks_cuda_size=0, blocks_cuda_size=0,
+             unique_id=None):
         from .loaders.comfyui.gguf import load_gguf_diffusion_model
 
         return (load_gguf_diffusion_model(
             _path("diffusion_models", unet_name), dequant_dtype, patch_dtype,
             double_blocks_cuda_size, single_blocks_cuda_size,
-            owner=("VBARGGUFDiffusionModelLoader", unique_id or id(self))),)
+            owner=("VBARGGUFDiffusionModelLoader", unique_id or id(self)),
+            first_blocks=blocks_cuda_size),)
 
 
 class VBARGGUFCLIPLoader:

@@ -232,3 +232,78 @@ def write_llm_gguf(path, hf_sd, arch, qtype, heads, kv_heads, extra=None, kv_ext
           **(kv_extra or {})}
     write_gguf(path, tensors, arch=arch, kv=kv)
     return ref
+
+
+# ---- diffusion models written as ComfyUI-GGUF's tools/convert.py (+ fix_5d_tensors) does ----
+# Per arch: the keys that identify it (all of one tuple present), the substrings whose tensors
+# stay F32, and whether conv-like weights are flattened to 256-wide rows with an orig_shape record
+# (only the UNets). Written from the converter's documented behaviour, not from its code.
+CONVERTER_ARCHS = {
+    "flux": ([("double_blocks.0.img_attn.proj.weight",)], (), False),
+    "sd3": ([("joint_blocks.0.x_block.attn.qkv.weight",)], (), False),
+    "hidream": ([("caption_projection.0.linear.weight",
+                  "double_stream_blocks.0.block.ff_i.shared_experts.w3.weight")],
+                (".ff_i.gate.weight", "img_emb.emb_pos"), False),
+    "ltxv": ([("adaln_single.emb.timestep_embedder.linear_2.weight",
+               "caption_projection.linear_2.weight")], ("scale_shift_table",), False),
+    "hyvid": ([("double_blocks.0.img_attn_proj.weight",
+                "txt_in.individual_token_refiner.blocks.1.self_attn_qkv.weight")], (), False),
+    "wan": ([("blocks.0.self_attn.norm_q.weight", "text_embedding.2.weight", "head.modulation")],
+            (".modulation",), False),
+    "sdxl": ([("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight",
+               "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight"),
+              ("label_emb.0.0.weight",)], (), True),
+    "sd1": ([("input_blocks.3.0.op.weight", "input_blocks.6.0.op.weight",
+              "input_blocks.9.0.op.weight", "output_blocks.2.1.conv.weight",
+              "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight")], (), True),
+    # Not in the converter version read (its loader accepts the arch): ComfyUI's detection keys.
+    "qwen_image": ([("txt_norm.weight", "img_in.weight")], (), False),
+}
+_DETECT_ORDER = ("flux", "sd3", "hidream", "ltxv", "hyvid", "wan", "sdxl", "sd1", "qwen_image")
+
+
+def converter_arch(keys):
+    """The ``general.architecture`` ComfyUI-GGUF's converter gives a state dict with ``keys``
+    (Chroma is written as "flux": its double_blocks match first)."""
+    keys = set(keys)
+    for arch in _DETECT_ORDER:
+        if any(all(k in keys for k in group) for group in CONVERTER_ARCHS[arch][0]):
+            return arch
+    raise ValueError("no ComfyUI-GGUF architecture matches these keys")
+
+
+def write_comfyui_gguf(path, state_dict, qtype=QT.F16, arch=None):
+    """A diffusion model's state dict -> a GGUF laid out as ComfyUI-GGUF's converter writes it,
+    then quantized to ``qtype`` the way its llama.cpp step does (where a row fits the block).
+
+    F32 (F16 from an fp16 source) for 1-D tensors, tensors of at most 1024 elements and the
+    arch's high-precision keys;
+    5-D tensors (3-D conv weights) kept 5-D in F32, as fix_5d_tensors adds them back; for the
+    UNets (sd1/sdxl) multi-dimensional weights whose last dimension is not a multiple of 256 are
+    stored as (n/256, 256) rows with a ``comfy.gguf.orig_shape.<name>`` record. Returns the arch.
+    """
+    arch = arch or converter_arch(state_dict)
+    _, hiprec, shape_fix = CONVERTER_ARCHS.get(arch, ((), (), False))
+    tensors, orig = {}, {}
+    for name, t in state_dict.items():
+        x = t.float().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, np.float32)
+        n = x.size
+        if x.ndim > 4:                      # fix_5d_tensors adds them back as F32
+            tensors[name] = (x, QT.F32)
+            continue
+        if x.ndim <= 1 or n <= 1024 or any(h in name for h in hiprec):
+            # The converter keeps these F32 only from a float32/bf16 source; an fp16 file's
+            # stay F16 (and llama.cpp's quantize step leaves 1-D tensors as they are).
+            fp16 = isinstance(t, torch.Tensor) and t.dtype == torch.float16
+            tensors[name] = (x, QT.F16 if fp16 else QT.F32)
+            continue
+        if shape_fix and n >= 512 and n % 256 == 0 and x.shape[-1] % 256:
+            orig[name] = (n // 256, 256)
+            row = 256
+        else:
+            row = x.shape[-1]
+        qt = next(q for q in (qtype, QT.Q8_0, QT.F16)
+                  if q in (QT.F16, QT.BF16, QT.F32) or row % gguf.GGML_QUANT_SIZES[q][0] == 0)
+        tensors[name] = (x, qt)
+    write_gguf(path, tensors, arch=arch, orig_shapes=orig)
+    return arch

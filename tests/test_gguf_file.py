@@ -564,7 +564,7 @@ def test_random_corruption_raises_only_gguf_errors(good):
 
 
 def test_limits_are_sane():
-    assert gguf_file.MAX_DIMS == 4 and gguf_file.DEFAULT_ALIGNMENT == 32
+    assert gguf_file.MAX_DIMS == 5 and gguf_file.DEFAULT_ALIGNMENT == 32
 
 
 # --- LoRA on quantized weights: the patched result is cached below the quantized bytes ---------

@@ -106,9 +106,10 @@ def test_set_budget_on_a_host_pool(no_pools):
     pool = get_pool("cpu")                      # 8 GiB simulated card (VBAR_BUDGET unset)
     apply_budget("cpu", 2.0, 0.5)
     assert pool.limit == 2 * GiB and pool.budget() == 1.5 * GiB
-    # 0 on a host pool keeps the limit it has (there is no card to fall back to); headroom applies.
+    # 0 on a host pool means the simulated card's default (VBAR_BUDGET, else 8 GiB), not
+    # whatever an earlier run set; headroom applies.
     apply_budget("cpu", 0.0, 1.0)
-    assert pool.limit == 2 * GiB and pool.budget() == GiB
+    assert pool.limit == 8 * GiB and pool.budget() == 7 * GiB
     # headroom above the budget leaves nothing: every weight streams.
     apply_budget("cpu", 0.5, 1.0)
     assert pool.budget() == 0

@@ -140,8 +140,10 @@ def ui_to_api(wf, object_info):
 NEEDS = {
     "vbar_flux_gguf.json": "VBARGGUFDiffusionModelLoader",
     "vbar_flux_nf4_pinned.json": "VBARNF4DiffusionModelLoader",
+    "vbar_wan_gguf.json": "VBARGGUFDiffusionModelLoader",
 }
 TINY_GGUF = "tiny_flux_Q8_0.gguf"
+TINY_WAN_GGUF = "tiny_wan21_Q8_0.gguf"   # written as ComfyUI-GGUF writes Wan (5-D F32 patch conv)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,7 @@ def server(tmp_path_factory):
     else:
         convert_safetensors(pathlib.Path(base, "diffusion_models", "tiny_flux.safetensors"),
                             models / "diffusion_models" / TINY_GGUF, GGMLQuantizationType.Q8_0)
+        _tiny_wan(comfy, python, models)
     srv = start_server(harness, comfy, python, str(models))
     srv.models_dir_path = str(models)
     srv.object_info = srv.get("/object_info")
@@ -172,11 +175,27 @@ def server(tmp_path_factory):
     srv.stop()
 
 
+def _tiny_wan(comfy, python, models):
+    """The tiny Wan 2.1 and its VAE (tests/tiny_wan.py, about 10 s), the model as a GGUF."""
+    import subprocess
+
+    from gguf import GGMLQuantizationType
+    from gguf_helpers import write_comfyui_gguf
+    from safetensors.torch import load_file
+
+    here = pathlib.Path(__file__).parent
+    subprocess.run([python, str(here / "tiny_wan.py"), str(models)], check=True, timeout=600,
+                   env=dict(os.environ, COMFYUI_DIR=comfy))
+    sd = load_file(str(models / "diffusion_models" / "tiny_wan21.safetensors"))
+    assert write_comfyui_gguf(models / "diffusion_models" / TINY_WAN_GGUF, sd,
+                              GGMLQuantizationType.Q8_0) == "wan"
+
+
 def tiny_file(models, folder, name):
     return name if pathlib.Path(models, folder, name).exists() else None
 
 
-TEXT_ENCODER_LOADERS = ("DualCLIPLoader", "VBARGGUFDualCLIPLoader")
+TEXT_ENCODER_LOADERS = ("DualCLIPLoader", "VBARGGUFDualCLIPLoader", "VBARGGUFCLIPLoader")
 
 
 def shrink_for_test(prompt, models):
@@ -190,20 +209,24 @@ def shrink_for_test(prompt, models):
         elif ct in ("VBARDiffusionModelLoader", "VBARNF4DiffusionModelLoader"):
             inp["unet_name"] = "tiny_flux.safetensors"   # NF4: quantized on load
         elif ct == "VBARGGUFDiffusionModelLoader":
-            inp["unet_name"] = tiny_file(models, "diffusion_models", TINY_GGUF) or missing.append(
-                f"{TINY_GGUF} (needs the gguf package and tests/gguf_helpers.py)")
+            tiny = TINY_WAN_GGUF if "wan" in inp["unet_name"] else TINY_GGUF
+            inp["unet_name"] = tiny_file(models, "diffusion_models", tiny) or missing.append(
+                f"{tiny} (needs the gguf package and tests/gguf_helpers.py)")
         elif ct == "VAELoader":
-            inp["vae_name"] = "tiny_flux_ae.safetensors"
+            wan = "wan" in inp["vae_name"]
+            inp["vae_name"] = "tiny_wan21_vae.safetensors" if wan else "tiny_flux_ae.safetensors"
         elif ct in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inp.update(width=64, height=64)
+        elif ct == "EmptyHunyuanLatentVideo":
+            inp.update(width=64, height=64, length=5)     # 5 frames: 2 latent frames
         elif ct == "KSampler":
             inp["steps"] = 2
         elif ct == "CLIPTextEncode" and prompt[inp["clip"][0]]["class_type"] in TEXT_ENCODER_LOADERS:
             prompt[nid] = {"class_type": "ComfyHarnessRandomConditioning", "inputs": {
                 "tokens": 16, "dim": 4096, "pooled_dim": 768, "seed": 1, "scale": 1.0}}
-        for k in ("double_blocks_cuda_size", "single_blocks_cuda_size"):
+        for k in ("double_blocks_cuda_size", "single_blocks_cuda_size", "blocks_cuda_size"):
             if k in inp:
-                inp[k] = min(inp[k], 1)   # the tiny Flux has 1 double and 1 single block
+                inp[k] = min(inp[k], 1)   # tiny Flux: 1 double + 1 single block; tiny Wan: 2
     for nid in [n for n, v in prompt.items() if v["class_type"] in TEXT_ENCODER_LOADERS]:
         del prompt[nid]
     return missing
@@ -214,7 +237,7 @@ def test_schema_matches_real_comfyui(server):
     info = server.object_info
     for ctype, (sockets, widgets, outputs) in GEN.SCHEMA.items():
         if ctype not in info:
-            assert ctype in NEEDS.values() or ctype == "VBARGGUFDualCLIPLoader", (
+            assert ctype in NEEDS.values() or ctype in ("VBARGGUFDualCLIPLoader", "VBARGGUFCLIPLoader"), (
                 f"{ctype} is not a node in this ComfyUI")
             continue
         spec = info[ctype]

@@ -17,13 +17,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # type: (link inputs [(name, type)], widget names in input order, outputs [(name, type)])
 SCHEMA = {
     "VBARCheckpointLoader": ([], ["ckpt_name"], [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
-    "VBARDiffusionModelLoader": ([], ["unet_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "VBARDiffusionModelLoader": ([], ["unet_name", "weight_dtype", "blocks_cuda_size"],
+                                 [("MODEL", "MODEL")]),
     "VBARGGUFDiffusionModelLoader": ([], ["unet_name", "dequant_dtype", "patch_dtype",
-                                          "double_blocks_cuda_size", "single_blocks_cuda_size"],
+                                          "double_blocks_cuda_size", "single_blocks_cuda_size",
+                                          "blocks_cuda_size"],
                                      [("MODEL", "MODEL")]),
+    "VBARGGUFCLIPLoader": ([], ["clip_name", "type", "device"], [("CLIP", "CLIP")]),
+    "ModelSamplingSD3": ([("model", "MODEL")], ["shift"], [("MODEL", "MODEL")]),
+    "EmptyHunyuanLatentVideo": ([], ["width", "height", "length", "batch_size"],
+                                [("LATENT", "LATENT")]),
     "VBARGGUFDualCLIPLoader": ([], ["clip_name1", "clip_name2", "type", "device"], [("CLIP", "CLIP")]),
     "VBARNF4DiffusionModelLoader": ([], ["unet_name", "double_blocks_cuda_size",
-                                         "single_blocks_cuda_size", "quantize_on_load"],
+                                         "single_blocks_cuda_size", "quantize_on_load",
+                                         "blocks_cuda_size"],
                                     [("MODEL", "MODEL")]),
     "VBARSetBudget": ([("model", "MODEL")], ["budget_gb", "headroom_gb"], [("MODEL", "MODEL")]),
     "VBARVRAMMonitor": ([("passthrough", "*")], [],
@@ -51,6 +58,7 @@ TITLES = {"VBARVRAMMonitor": "VBAR VRAM Monitor"}
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 POSITIVE = "a photo of a red cube on a wooden table, soft light"
 NEGATIVE = "blurry, low quality"
+WAN_POSITIVE = "a red fox running through fresh snow at sunrise, tracking shot"
 
 
 def monitor_and_save(wf, image, prefix):
@@ -98,7 +106,7 @@ def flux(model_node, text_encoders=None):
 
 def flux_diffusion_model():
     wf = flux({"class_type": "VBARDiffusionModelLoader", "inputs": {
-        "unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}})
+        "unet_name": "flux1-dev.safetensors", "weight_dtype": "default", "blocks_cuda_size": 0}})
     return monitor_and_save(wf, "9", "vbar_flux")
 
 
@@ -106,7 +114,7 @@ def flux_gguf():
     """GGUF Flux and a GGUF T5: both stay quantized in VRAM."""
     wf = flux({"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
         "unet_name": "flux1-dev-Q4_K_S.gguf", "dequant_dtype": "default", "patch_dtype": "default",
-        "double_blocks_cuda_size": 4, "single_blocks_cuda_size": 0}},
+        "double_blocks_cuda_size": 4, "single_blocks_cuda_size": 0, "blocks_cuda_size": 0}},
         {"class_type": "VBARGGUFDualCLIPLoader", "inputs": {
             "clip_name1": "t5-v1_1-xxl-encoder-Q8_0.gguf", "clip_name2": "clip_l.safetensors",
             "type": "flux", "device": "default"}})
@@ -118,18 +126,44 @@ def flux_nf4_pinned():
     resident (never evicted), the rest faulted in within the budget."""
     wf = flux({"class_type": "VBARNF4DiffusionModelLoader", "inputs": {
         "unet_name": "flux1-dev.safetensors", "double_blocks_cuda_size": 4,
-        "single_blocks_cuda_size": 8, "quantize_on_load": True}})
+        "single_blocks_cuda_size": 8, "quantize_on_load": True, "blocks_cuda_size": 0}})
     return monitor_and_save(wf, "9", "vbar_flux_nf4")
 
 
 def small_card():
     """Flux in fp8 on an 8 GB card: at most 6 GB of weights resident, 1.5 GB kept for activations."""
     wf = flux({"class_type": "VBARDiffusionModelLoader", "inputs": {
-        "unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}})
+        "unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn", "blocks_cuda_size": 0}})
     wf["10"] = {"class_type": "VBARSetBudget", "inputs": {"model": ["1", 0], "budget_gb": 6.0,
                                                           "headroom_gb": 1.5}}
     wf["7"]["inputs"]["model"] = ["10", 0]
     return monitor_and_save(wf, "9", "vbar_small_card")
+
+
+def wan_gguf():
+    """Wan 2.1 T2V 14B as a ComfyUI-GGUF file (Q4_K_M, 40 blocks), its first 10 blocks held
+    resident, the UMT5 text encoder as GGUF too; ComfyUI's stock Wan settings (shift 8, uni_pc,
+    33 frames at 832x480). The monitor shows what stayed resident while it ran."""
+    wf = {
+        "1": {"class_type": "VBARGGUFDiffusionModelLoader", "inputs": {
+            "unet_name": "wan2.1-t2v-14b-Q4_K_M.gguf", "dequant_dtype": "default",
+            "patch_dtype": "default", "double_blocks_cuda_size": 0, "single_blocks_cuda_size": 0,
+            "blocks_cuda_size": 10}},
+        "2": {"class_type": "VBARGGUFCLIPLoader", "inputs": {
+            "clip_name": "umt5-xxl-encoder-Q8_0.gguf", "type": "wan", "device": "default"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": WAN_POSITIVE}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": NEGATIVE}},
+        "5": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {
+            "width": 832, "height": 480, "length": 33, "batch_size": 1}},
+        "6": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["1", 0], "shift": 8.0}},
+        "7": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0],
+            "seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple",
+            "denoise": 1.0}},
+        "8": {"class_type": "VAELoader", "inputs": {"vae_name": "wan_2.1_vae.safetensors"}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["8", 0]}},
+    }
+    return monitor_and_save(wf, "9", "vbar_wan")
 
 
 WORKFLOWS = {
@@ -138,6 +172,7 @@ WORKFLOWS = {
     "vbar_flux_gguf.json": flux_gguf,
     "vbar_flux_nf4_pinned.json": flux_nf4_pinned,
     "vbar_small_card.json": small_card,
+    "vbar_wan_gguf.json": wan_gguf,
 }
 
 

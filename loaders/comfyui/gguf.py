@@ -12,7 +12,7 @@ import torch
 
 from .pins import follow_pins, retire_pins
 from ..errors import GGUFError
-from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks
+from ..runtime.blocks import check_pins, pin_blocks
 from ..gguf.file import IMAGE_ARCHS, TEXT_ARCHS, GGUFFile
 from ..gguf.names import (GEMMA_ARCHS, LLM_ARCHS, T5_ARCHS, llama_unpermute_index,
                          text_encoder_names)
@@ -62,7 +62,7 @@ def _plain_embeddings(model):
 
 
 def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="default",
-                              double_blocks=0, single_blocks=0, owner=None):
+                              double_blocks=0, single_blocks=0, owner=None, first_blocks=0):
     """MODEL from a diffusion-model .gguf (Flux, SD1.x, SDXL, SD3 ... as city96's converter
     writes them).
 
@@ -72,7 +72,8 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     ("default": the dtype ComfyUI would store it in, so the result is a stock load's; "target":
     the compute dtype; the patch itself is computed as ComfyUI computes it, see comfyui/lora.py).
     ``double_blocks``/``single_blocks``: the first N double / M single Flux blocks are pinned
-    resident (their quantized bytes); ``owner``: a token for the caller, whose previous load's
+    resident (their quantized bytes), or ``first_blocks``: the first N blocks of any family in
+    forward order (runtime/blocks.py's table); ``owner``: a token for the caller, whose previous load's
     pins are released."""
     import comfy.sd
 
@@ -90,7 +91,7 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
         log.warning("%s: unknown GGUF architecture '%s'; letting ComfyUI detect the model",
                     path, arch)
     name = os.path.basename(str(path))
-    check_block_counts(double_blocks, single_blocks, *count_blocks(gf.keys()), what=name)
+    check_pins(gf.keys(), double_blocks, single_blocks, first_blocks, what=name)
     sd = gguf_state_dict(gf, dequant_dtype=dq)
     retire_pins(owner)
     model = comfy_build(comfy.sd.load_diffusion_model_state_dict, sd,
@@ -103,9 +104,9 @@ def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="defaul
     diffusion = model.model.diffusion_model
     _plain_embeddings(diffusion)
     attach_sources(diffusion)
-    pin_blocks(diffusion, double_blocks, single_blocks, what=name)
+    pin_blocks(diffusion, double_blocks, single_blocks, what=name, first=first_blocks)
     wrap_model(model, name, source_check=gf.check_unchanged)
-    follow_pins(model, name, double_blocks, single_blocks, owner)
+    follow_pins(model, name, double_blocks, single_blocks, owner, first=first_blocks)
     dequantize_unmanaged(diffusion)   # anything vbarize did not take (none in known models)
     set_patch_dtype(diffusion, pd)
     return model

@@ -238,7 +238,9 @@ def load_checkpoint(path, embedding_directory=None):
     return model, clip, vae
 
 
-def load_diffusion_model(path, weight_dtype="default"):
+def load_diffusion_model(path, weight_dtype="default", first_blocks=0, owner=None):
+    """MODEL from a diffusion-model file; ``first_blocks``: pin the first N blocks resident
+    (runtime/blocks.py), ``owner``: a token whose previous load's pins are released."""
     import comfy.sd
     import torch
 
@@ -253,9 +255,24 @@ def load_diffusion_model(path, weight_dtype="default"):
         options["dtype"] = torch.float8_e4m3fn   # "_fast" (fp8 matmul) computes as plain fp8 here
     elif weight_dtype == "fp8_e5m2":
         options["dtype"] = torch.float8_e5m2
+    name = os.path.basename(str(path))
+    if first_blocks:
+        from ..runtime.blocks import check_pins
+        from .pins import retire_pins
+
+        check_pins(sd.keys(), first=first_blocks, what=name)
+        retire_pins(owner)
     model = comfy_build(comfy.sd.load_diffusion_model_state_dict, sd, model_options=options)
     if model is None:
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
     _attach_quantized(model, prep)
-    return wrap_model(model, os.path.basename(str(path)), source_check=check)
+    if not first_blocks:
+        return wrap_model(model, name, source_check=check)
+    from ..runtime.blocks import pin_blocks
+    from .pins import follow_pins
+
+    pin_blocks(model.model.diffusion_model, 0, 0, what=name, first=first_blocks)
+    wrap_model(model, name, source_check=check)
+    follow_pins(model, name, 0, 0, owner, first=first_blocks)
+    return model

@@ -12,7 +12,7 @@ import os
 
 from .pins import follow_pins, retire_pins
 from ..errors import ModelFileError, NF4Error
-from ..runtime.blocks import check_block_counts, count_blocks, pin_blocks
+from ..runtime.blocks import check_pins, pin_blocks
 
 log = logging.getLogger("vbar")
 
@@ -25,14 +25,14 @@ def _unet_prefix(sd):
     return prefix if any(k.startswith(prefix) for k in sd) else ""
 
 
-def _open(path, double, single):
+def _open(path, double, single, first=0):
     from .loading import _check_supported, open_checked
     from ..nf4.model import split_nf4_state_dict
 
     sd, metadata, check = open_checked(path)
     _check_supported(sd, path)
     logical, weights = split_nf4_state_dict(sd, path)
-    check_block_counts(double, single, *count_blocks(logical), what=os.path.basename(str(path)))
+    check_pins(logical, double, single, first, what=os.path.basename(str(path)))
     prefix = _unet_prefix(logical)
     outside = [p for p in weights if not p.startswith(prefix)]
     if outside:
@@ -53,7 +53,7 @@ def _size_mismatch(path, e):
 
 
 def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_load, check, owner,
-                  progress=None):
+                  first=0, progress=None):
     """Attach the 4-bit weights, pin blocks, put the model behind the VBAR.
 
     Quantizing on load is the long part (about 27 s per 545 M parameters on a CPU): it reports
@@ -79,17 +79,18 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
         if device is not None:
             mm.soft_empty_cache()
     retire_pins(owner)
-    pin_blocks(diffusion, double, single, what=name)
+    pin_blocks(diffusion, double, single, what=name, first=first)
     wrap_model(patcher, name, source_check=check)
-    follow_pins(patcher, name, double, single, owner)
+    follow_pins(patcher, name, double, single, owner, first=first)
     return patcher
 
 
 def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on_load=False,
-                             owner=None, progress=None):
+                             owner=None, first_blocks=0, progress=None):
     """MODEL from an NF4/FP4 diffusion model file (or a float one, quantized if asked).
 
     ``owner``: a token for the caller (e.g. the node); its previous load's pins are released.
+    ``first_blocks``: pin the first N blocks of any family instead of Flux's double/single.
     ``progress(done, total)``: for quantizing on load (default: ComfyUI's progress bar and
     interrupt, see progress.py).
     """
@@ -98,7 +99,7 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
     from .loading import comfy_build
     from .ops import vbar_operations
 
-    logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks)
+    logical, weights, prefix, _, check = _open(path, double_blocks, single_blocks, first_blocks)
     try:
         model = comfy_build(comfy.sd.load_diffusion_model_state_dict, logical,
                             model_options={"custom_operations": vbar_operations()})
@@ -108,7 +109,7 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
         raise ModelFileError(path, "ComfyUI does not recognise this diffusion model",
                              "Check that the file is a diffusion model (UNet/DiT) ComfyUI supports")
     return _finish_model(model, path, weights, prefix, double_blocks, single_blocks,
-                         quantize_on_load, check, owner, progress)
+                         quantize_on_load, check, owner, first_blocks, progress)
 
 
 def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_directory=None,

@@ -1,4 +1,4 @@
-"""Flux block pins over a model's life in ComfyUI, shared by the NF4 and GGUF loaders.
+"""Block pins over a model's life in ComfyUI, shared by the NF4, GGUF and diffusion loaders.
 
 Pins follow the model: released when ComfyUI unloads it (ON_DETACH), held again when it loads
 it (ON_LOAD), and released for good when the same node loads again, since ComfyUI keeps the
@@ -9,34 +9,34 @@ import os
 import weakref
 
 from ..errors import ModelFileError
-from ..runtime.blocks import check_block_counts, count_blocks, release_pins, restore_pins
+from ..runtime.blocks import check_pins, release_pins, restore_pins
 
 log = logging.getLogger("vbar")
 _CALLBACK_KEY = "vbar_flux_block_pins"
 
 
-def file_block_counts(path):
-    """(double, single) Flux blocks in a .safetensors or .gguf file, from its header only."""
+def file_keys(path):
+    """The tensor names of a .safetensors or .gguf file, from its header only."""
     if str(path).lower().endswith(".gguf"):
         from ..gguf.file import GGUFFile
 
-        return count_blocks(GGUFFile(path).keys())
+        return GGUFFile(path).keys()
     from ..files.safetensors_file import SafetensorsFile
 
     with SafetensorsFile(path, verify=False) as f:
-        return count_blocks(f.keys())
+        return list(f.keys())
 
 
-def validate_block_counts(path, double, single):
+def validate_block_counts(path, double, single, first=0):
     """For a node's VALIDATE_INPUTS: True, or the message explaining the allowed counts."""
     try:
-        check_block_counts(double, single, *file_block_counts(path), what=os.path.basename(path))
+        check_pins(file_keys(path), double, single, first, what=os.path.basename(path))
     except (ValueError, ModelFileError) as e:
         return str(e)
     return True
 
 
-def follow_pins(patcher, name, double, single, owner):
+def follow_pins(patcher, name, double, single, owner, first=0):
     """After ``wrap_model``: if blocks were pinned, tie their pins to ComfyUI's loads and
     unloads and to ``owner``'s next load."""
     from .patcher import stores_of
@@ -46,8 +46,8 @@ def follow_pins(patcher, name, double, single, owner):
         return
     _follow_comfy(patcher, store)
     track_pins(store, owner)
-    log.info("%s: %d double / %d single blocks pinned, %.0f MiB held", name, double, single,
-             store.held_bytes() / 2**20)
+    chosen = f"first {first} blocks" if first else f"{double} double / {single} single blocks"
+    log.info("%s: %s pinned, %.0f MiB held", name, chosen, store.held_bytes() / 2**20)
 
 
 def _follow_comfy(patcher, store):

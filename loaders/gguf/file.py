@@ -27,7 +27,11 @@ from ..files.mapped import MappedFile, file_identity, opened
 
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
-MAX_DIMS = 4                 # GGML_MAX_DIMS: llama.cpp refuses more, and so do we
+# GGML_MAX_DIMS is 4, but ComfyUI-GGUF's converter keeps a 3-D convolution's 5-D weight (Wan's
+# and HunyuanVideo's patch embedding) and its fix_5d_tensors step writes it back as a 5-D F32
+# tensor through gguf-py, so the Wan/HunyuanVideo files people download hold one. More than 5
+# is what no converter writes (and torch convolutions stop at 3-D kernels): refused as corrupt.
+MAX_DIMS = 5
 MAX_TENSORS = 1 << 20        # real models have a few thousand
 MAX_KV = 1 << 20
 MAX_NAME_BYTES = 1 << 16     # keys and tensor names (llama.cpp allows 64; converters use ~130)

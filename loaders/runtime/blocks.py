@@ -1,4 +1,8 @@
-"""Flux block pinning: keep the first N double / M single blocks resident, the rest fault.
+"""Block pinning: keep a diffusion model's first blocks resident, the rest fault.
+
+Two ways to choose them: Flux's first N double / M single blocks (the inputs the popular Flux
+nodes have), or, for every family with repeated blocks, the first N of the model's blocks in
+forward order (``first``), where what a block is comes from one table (``BLOCK_LISTS``).
 
 The popular node this replaces moves whole blocks with blocking copies every step; here a
 pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
@@ -84,15 +88,87 @@ def check_block_counts(double, single, have_double, have_single, what="the model
             f"0..{have_single}; got {double} and {single}")
 
 
-def pin_blocks(model, double, single, what="the model"):
-    """Mark every layer of the first ``double`` double and ``single`` single blocks of
-    ``model`` (a Flux-style diffusion model) to be held resident by ``vbarize``."""
-    check_block_counts(double, single, *count_blocks(n for n, _ in model.named_modules()), what)
-    limit = {"double": double, "single": single}
+# What a block is, per family: the diffusion model's top-level lists of repeated blocks, in the
+# order the forward pass runs them. The first row with any list present in the file applies.
+BLOCK_LISTS = (
+    ("double_blocks", "single_blocks"),                 # Flux, Chroma, HunyuanVideo
+    ("double_stream_blocks", "single_stream_blocks"),   # HiDream
+    ("joint_blocks",),                                  # SD3 / SD3.5 (ComfyUI's MMDiT)
+    ("transformer_blocks",),                            # Qwen-Image, LTX-Video
+    ("blocks",),                                        # Wan 2.x, Cosmos
+    ("input_blocks", "output_blocks"),                  # SD1.x / SDXL UNets (middle_block: one)
+)
+_TOP = re.compile(r"^(?:model\.)?(?:diffusion_model\.)?([a-z_]+)\.(\d+)(?:\.|$)")
+
+
+def block_lists(names):
+    """[(list name, count)] of the model's repeated blocks in forward order (empty if none), from
+    state-dict keys (bare or under model.diffusion_model.) or the diffusion model's module names.
+    Counts are ComfyUI's: blocks 0, 1, 2 ... up to the first gap."""
+    found = {}
+    for name in names:
+        m = _TOP.match(name)
+        if m:
+            found.setdefault(m.group(1), set()).add(int(m.group(2)))
+    for row in BLOCK_LISTS:
+        if any(found.get(k) for k in row):
+            return [(k, _counts(found.get(k, ()))) for k in row]
+    return []
+
+
+def describe_blocks(lists):
+    if not lists:
+        return "no repeated blocks"
+    return (f"{sum(n for _, n in lists)} repeated blocks ("
+            + ", ".join(f"{k}: {n}" for k, n in lists) + ")")
+
+
+def check_first_blocks(first, lists, what="the model"):
+    """Raise ValueError, naming the file's blocks, unless 0 <= first <= their total."""
+    total = sum(n for _, n in lists)
+    if not 0 <= first <= total:
+        raise ValueError(f"{what} has {describe_blocks(lists)}, so blocks_cuda_size can be "
+                         f"0..{total}; got {first}")
+
+
+def check_pins(names, double=0, single=0, first=0, what="the model"):
+    """Validate the pinning inputs against a file's keys (or a model's module names)."""
+    names = list(names)
+    if first and (double or single):
+        raise ValueError(f"{what}: set either blocks_cuda_size ({first}) or the Flux "
+                         f"double/single_blocks_cuda_size ({double}/{single}), not both")
+    if double or single:
+        check_block_counts(double, single, *count_blocks(names), what)
+    check_first_blocks(first, block_lists(names), what)
+
+
+def first_blocks(lists, first):
+    """{list name: how many of its blocks are among the first ``first`` in forward order}."""
+    out = {}
+    for k, n in lists:
+        out[k] = min(n, first)
+        first -= out[k]
+    return out
+
+
+def pin_blocks(model, double, single, what="the model", first=0):
+    """Mark every layer of the blocks chosen (Flux's first ``double`` double and ``single``
+    single blocks, or the first ``first`` blocks in forward order) of ``model``, a diffusion
+    model, to be held resident by ``vbarize``. Returns the number of modules marked."""
+    named = list(model.named_modules())
+    check_pins([n for n, _ in named], double, single, first, what)
+    if first:
+        pattern, limit = _TOP.match, first_blocks(block_lists(n for n, _ in named), first)
+    else:
+        pattern, limit = _BLOCK.search, {"double": double, "single": single}
+
+    def chosen(name):
+        hit = pattern(name)
+        return hit is not None and int(hit.group(2)) < limit.get(hit.group(1), 0)
+
     pinned = 0
-    for name, m in model.named_modules():
-        hit = _BLOCK.search(name)
-        if hit and int(hit.group(2)) < limit[hit.group(1)]:
+    for name, m in named:
+        if chosen(name):
             m.vbar_hold = True
             pinned += 1
     return pinned
