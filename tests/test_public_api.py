@@ -169,3 +169,27 @@ def test_the_surface_uses_only_vrams_public_names():
             elif isinstance(node, ast.Attribute) and node.attr in private:
                 offenders.append(f"{name}:{node.lineno} reads .{node.attr}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_pool_counters_outlive_a_closed_vbar():
+    """The pool's event counts are the device's history (like torch.cuda.memory_stats): a model
+    unloaded right after its run keeps its faults in them, while its own row goes."""
+    pool = Pool(HostBackend(), budget=PAGE)
+    try:
+        big = pool.create_vbar("big", 4 * PAGE, page_size=PAGE)
+        s = big.alloc(2 * PAGE)
+        assert big.fault(s) is not None and pool.stats()["offloaded"] == 1   # over the budget
+        small = pool.create_vbar("small", PAGE, page_size=PAGE)
+        t = small.alloc(PAGE)
+        small.fault(t)
+        small.unpin(t)
+        before = pool.stats()
+        big.close()
+        after = pool.stats()
+        assert [v["name"] for v in after["vbars"]] == ["small"]
+        for key in ("faults", "offloaded", "misses", "bytes_mapped"):
+            assert after[key] == before[key], key
+        small.fault(t)
+        assert pool.stats()["faults"] == before["faults"] + 1
+    finally:
+        pool.close()

@@ -20,6 +20,7 @@ class Pool:
         self.backend = backend
         self.lock = threading.RLock()
         self.vbars = []              # highest priority first
+        self._closed_counters = {}   # counters of VBARs closed since: the pool's stay cumulative
         self.refresh_s = refresh_s
         self._others = 0
         self._others_at = -1e9
@@ -99,6 +100,10 @@ class Pool:
     def _forget(self, vbar):
         if vbar in self.vbars:
             self.vbars.remove(vbar)
+            # The pool's event counts are the device's history, as torch.cuda.memory_stats'
+            # are: a model unloaded right after it ran must not take its faults with it.
+            for key, n in vbar.counters.as_dict().items():
+                self._closed_counters[key] = self._closed_counters.get(key, 0) + n
 
     # --- paging (called with the lock held) ---------------------------------------------------
     def _map_pages(self, vbar, pages):
@@ -194,7 +199,7 @@ class Pool:
             from .stats import COUNTERS
 
             for key in COUNTERS:
-                d[key] = sum(v[key] for v in vb)
+                d[key] = sum(v[key] for v in vb) + self._closed_counters.get(key, 0)
             return d
 
     def close(self):
