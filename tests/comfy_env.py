@@ -64,3 +64,16 @@ def add_budget(wf, model, budget_gb, node="91"):
     wf[node] = {"class_type": "VBARSetBudget", "inputs": {
         "model": model, "budget_gb": budget_gb, "headroom_gb": 0.0}}
     return [node, 0]
+
+
+def run_settled(srv, wf, **kw):
+    """Run ``wf`` from a fresh cache with ComfyUI's unload done *before* it.
+
+    ComfyUI applies POST /free after the next prompt it executes, so ``run(fresh_cache=True)``
+    can unload the very models that prompt loaded, racing with a test that reads their
+    residency afterwards. A trivial prompt (the monitor node, an output node that loads
+    nothing) takes that unload first."""
+    srv.free()
+    flush = srv.run({"1": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
+    assert flush.status == "success", flush.errors
+    return srv.run(wf, **kw)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QT
 
 from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
-from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
+from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, run_settled, start_server
 from gguf_helpers import convert_safetensors, write_reference_safetensors
 from test_comfyui_checkpoint import LORA as TE_LORA, STRENGTH_CLIP, digest, load_wf, stats, write_lora
 
@@ -103,7 +103,7 @@ def flux(srv, unet, vbar, budget=None, lora=False, pins=None):
 
 
 def run(srv, wf):
-    return digest(srv.run(wf, fresh_cache=True))
+    return digest(run_settled(srv, wf))
 
 
 def test_nodes_list_only_gguf_files(server):

@@ -16,7 +16,7 @@ import torch
 
 from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
-from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, start_server
+from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, run_settled, start_server
 from test_comfyui_checkpoint import BUDGETS_GB, digest, load_wf, sd15, write_lora
 
 pytestmark = pytest.mark.comfyui
@@ -154,8 +154,8 @@ def stock(server):
     """Image digests of ComfyUI's own UNETLoader on the dequantized files (and on tiny_flux)."""
     out = {}
     for layout in LAYOUTS:
-        out[layout] = digest(server.run(flux(server, DEQUANT.format(layout), nf4=False), fresh_cache=True))
-    out["bf16"] = digest(server.run(flux(server, "tiny_flux.safetensors", nf4=False), fresh_cache=True))
+        out[layout] = digest(run_settled(server, flux(server, DEQUANT.format(layout), nf4=False)))
+    out["bf16"] = digest(run_settled(server, flux(server, "tiny_flux.safetensors", nf4=False)))
     assert len(set(out.values())) == 3   # three different weight sets: three different images
     return out
 
@@ -165,7 +165,7 @@ def test_nf4_file_matches_stock_on_dequantized_weights(server, stock, layout):
     name = NF4.format(layout)
     counts = [(0, 0), (1, 0), (1, 1)] if layout == "v2" else [(1, 1)]
     for double, single in counts:
-        r = server.run(flux(server, name, double=double, single=single), fresh_cache=True)
+        r = run_settled(server, flux(server, name, double=double, single=single))
         assert digest(r) == stock[layout], f"{layout} pinned {double}+{single}: differs from stock"
         # The model that just ran is the highest-priority VBAR of that name; an older one still
         # alive (ComfyUI frees lazily) holds nothing: its pins were released by the new load.
@@ -178,7 +178,7 @@ def test_nf4_file_matches_stock_on_dequantized_weights(server, stock, layout):
 
 
 def test_quantize_on_load_equals_the_v2_file(server, stock):
-    r = server.run(flux(server, "tiny_flux.safetensors", double=1, single=1), fresh_cache=True)
+    r = run_settled(server, flux(server, "tiny_flux.safetensors", double=1, single=1))
     assert digest(r) == stock["v2"]
     # Off: the bf16 weights as they are, still with pinned blocks.
     r = server.run(flux(server, "tiny_flux.safetensors", double=1, single=0, quantize_on_load=False),
@@ -187,7 +187,7 @@ def test_quantize_on_load_equals_the_v2_file(server, stock):
 
 
 def test_counts_above_the_model_are_rejected_before_the_run(server):
-    r = server.run(flux(server, NF4.format("v2"), double=2, single=0), fresh_cache=True)
+    r = run_settled(server, flux(server, NF4.format("v2"), double=2, single=0))
     assert r.status == "rejected", r.errors
     text = " ".join(r.errors)
     assert "has 1 double and 1 single blocks" in text and "got 2 and 0" in text, text
@@ -221,7 +221,7 @@ def test_pins_follow_comfyui_unloading_and_loading_the_model(server):
     name = NF4.format("v2")
     wf = flux(server, name, double=1, single=0)
     wf["5"]["inputs"]["steps"] = 1
-    assert server.run(wf, fresh_cache=True).status == "success"
+    assert run_settled(server, wf).status == "success"
     # ComfyUI may apply that /free only after the run it raced with: run once more so the
     # MODEL is surely in its cache.
     wf["5"]["inputs"]["seed"] = 44
@@ -266,7 +266,7 @@ def test_lora_on_nf4_matches_stock(server):
         return wf
 
     stock = digest(server.run(with_lora(flux(server, DEQUANT.format("v2"), nf4=False)), fresh_cache=True))
-    plain = digest(server.run(flux(server, DEQUANT.format("v2"), nf4=False), fresh_cache=True))
+    plain = digest(run_settled(server, flux(server, DEQUANT.format("v2"), nf4=False)))
     assert stock != plain                                  # the LoRA does change the image
     got = digest(server.run(with_lora(flux(server, NF4.format("v2"), double=1, single=0)),
                             fresh_cache=True))
@@ -279,7 +279,7 @@ def test_nf4_checkpoint_loader_matches_stock(server, stock):
         "ckpt_name": CKPT, "double_blocks_cuda_size": 1, "single_blocks_cuda_size": 1}}
     wf["7"]["inputs"]["vae"] = ["1", 2]                    # the checkpoint's own VAE
     del wf["6"]
-    assert digest(server.run(wf, fresh_cache=True)) == stock["v2"]
+    assert digest(run_settled(server, wf)) == stock["v2"]
     assert vbar_stats(server, CKPT)[0]["held_bytes"] > 0
     wf["1"]["inputs"]["single_blocks_cuda_size"] = 3
     r = server.run(wf)
@@ -316,8 +316,8 @@ def test_nf4_checkpoint_clip_with_text_encoder_lora_matches_stock(server):
             w["1"]["inputs"]["ckpt_name"] = SD15_DEQUANT
         return w
 
-    stock = digest(server.run(wf(False), fresh_cache=True))
+    stock = digest(run_settled(server, wf(False)))
     for name, gb in BUDGETS_GB.items():
-        got = digest(server.run(wf(True, gb), fresh_cache=True))
+        got = digest(run_settled(server, wf(True, gb)))
         assert got == stock, f"budget {name}: image differs from the stock loader"
-    server.run(wf(True, 64.0), fresh_cache=True)           # leave the budget open
+    run_settled(server, wf(True, 64.0))           # leave the budget open
