@@ -261,9 +261,9 @@ def section_p4(ctx):
     elif hits == 0:
         verdict, note = "FAIL", "the prefetcher never delivered a weight ahead of its use"
     return [
-        row("p4", f"50% resident, prefetch: step (ms) vs bound", f"{t_on * 1e3:.1f}", f"{bound * 1e3:.1f}",
+        row("p4", "50% resident, prefetch: step (ms) vs bound", f"{t_on * 1e3:.2f}", f"{bound * 1e3:.2f}",
             f"{t_on / bound:.2f} (goal <= {P4_GOAL:g})", verdict, note),
-        row("p4", "50% resident, no prefetch: step (ms) vs bound", f"{t_off * 1e3:.1f}", f"{bound * 1e3:.1f}",
+        row("p4", "50% resident, no prefetch: step (ms) vs bound", f"{t_off * 1e3:.2f}", f"{bound * 1e3:.2f}",
             f"{t_off / bound:.2f}"),
         row("p4", f"  all resident step (ms); {what}", f"{compute * 1e3:.1f}"),
         row("p4", "  host->device copy (GB/s); streamed MiB/step", f"{bw / 1e9:.2f}",
