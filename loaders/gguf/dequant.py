@@ -36,7 +36,13 @@ U8, I8, I16, I32, F16, F32 = torch.uint8, torch.int8, torch.int16, torch.int32, 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # llama.cpp's non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS.
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-_CPU_CHUNK = 1 << 18   # output values per chunk and thread: measured best on an idle 2-core box
+# Output values per chunk and thread on CPU. Every op on a chunk is one parallel region whose
+# threads must all be scheduled before it ends; on a busy CPU each region costs a time slice.
+# Measured 2026-12-07, tiny Flux Q8_0 forward in ComfyUI 0.33 on a 2-core box at load ~11:
+# 1 << 18 (3129 regions a forward) took 26-45 s against ComfyUI-GGUF's 12-19 s in the same
+# process; 1 << 22, 16-19 s against 15-22 s; with one thread (no regions to wait for) 8-11 s
+# against 10-12 s. Larger chunks cost little cache locality and bound scratch to ~40 MiB.
+_CPU_CHUNK = 1 << 22
 _DEV_CHUNK = 1 << 23   # elsewhere: few launches, scratch bounded to ~50 MiB
 # Headers are unpacked for this many chunks at once: few enough ops per value, and the
 # blocks are still in cache when the chunk bodies read their quants.
