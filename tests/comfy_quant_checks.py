@@ -159,7 +159,7 @@ if want("errors") and KIND == "mixed":
         return QuantLayer("blocks.3.lin", {"format": fmt}, w, tensors, "comfy_quant")
 
     P = "/m/bad.safetensors"
-    for fmt in ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4"):
+    for fmt in ("float8_e4m3fn", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4", "asym_w4a8_int8"):
         quant._check_layer(layer(fmt), (32, 256), P)
     check("well-formed layers of every format pass the shape checks", True)
     cases = [
@@ -171,6 +171,10 @@ if want("errors") and KIND == "mixed":
         ("fp8 weight stored as bf16", layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
         ("nvfp4 weight for another shape", layer("nvfp4", (64, 256)), "weight"),
         ("convrot on a width its layout cannot hold", layer("int8_tensorwise", (32, 96)), "weight"),
+        ("asym_w4a8 without its group scales", layer("asym_w4a8_int8", weight_s_rel=None), "weight_s_rel"),
+        ("asym_w4a8 group scales for another group size",
+         layer("asym_w4a8_int8", weight_s_rel=torch.zeros(32, 8, dtype=torch.float8_e4m3fn)), "weight_s_rel"),
+        ("asym_w4a8 codebook of 8 codes", layer("asym_w4a8_int8", weight_codebook=torch.zeros(8)), "weight_codebook"),
     ]
     for name, L, comp in cases:
         shape = (32, 96) if "width" in name else (32, 256)
@@ -179,10 +183,7 @@ if want("errors") and KIND == "mixed":
         refused(f"refused: {name}", lambda: quant._check_layer(L, shape, P), P,
                 "blocks.3.lin", L.format, comp)
     sd = {"a.weight": torch.zeros(32, 128, dtype=torch.int8), "a.weight_s_rel": torch.zeros(32, 16),
-          "a.comfy_quant": qh.encode_conf({"format": "asym_w4a8_int8"})}
-    refused("asym_w4a8_int8 (not loaded yet) is refused by layer and format",
-            lambda: quant.prepare(sd, P, None), P, "'a'", "asym_w4a8_int8", "stock loader")
-    sd["a.comfy_quant"] = qh.encode_conf({"format": "float4_imaginary"})
+          "a.comfy_quant": qh.encode_conf({"format": "float4_imaginary"})}
     refused("a format ComfyUI does not define is refused", lambda: quant.prepare(sd, P, None),
             P, "'a'", "float4_imaginary", "does not define")
     sd = {"cond_stage_model.x.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn),
@@ -196,7 +197,8 @@ if want("errors") and KIND == "mixed":
 flux_src = load_file(os.path.join(models, "diffusion_models", "tiny_flux.safetensors"))
 flux_lora_layers = ["double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.0",
                     "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1",
-                    "double_blocks.0.img_attn.proj", "double_blocks.0.txt_mlp.0"]
+                    "double_blocks.0.img_attn.proj", "double_blocks.0.txt_mlp.0",
+                    "final_layer.linear"]
 flux_lora = qh.lora_for(flux_lora_layers, "diffusion_model.", shapes_of(flux_src, flux_lora_layers, ""))
 
 if want("flux_scaled"):
@@ -237,7 +239,8 @@ del flux_src
 free()
 
 sd15_src = load_file(os.path.join(models, "checkpoints", "tiny_sd15.safetensors"))
-sd15_lora_layers = list(qh.SD15_PLAN)[:3] + ["input_blocks.1.1.transformer_blocks.0.attn1.to_k"]
+sd15_lora_layers = list(qh.SD15_PLAN)[:3] + ["input_blocks.1.1.transformer_blocks.0.attn1.to_k",
+                                            "middle_block.1.transformer_blocks.0.ff.net.2"]
 sd15_lora = qh.lora_for(sd15_lora_layers, "diffusion_model.",
                         shapes_of(sd15_src, sd15_lora_layers, qh.SD15_PREFIX))
 if want("sd15_scaled"):

@@ -20,6 +20,7 @@ FLUX_PLAN = {
     "double_blocks.0.txt_attn.proj": {"format": "convrot_w4a4"},
     "single_blocks.0.linear1": {"format": "float8_e4m3fn", "full_precision_matrix_mult": True},
     "single_blocks.0.linear2": {"format": "nvfp4"},
+    "final_layer.linear": {"format": "asym_w4a8_int8"},   # small: its quantizer is slow on CPU
 }
 # SD1.5 UNet Linear layers (checkpoint keys), one format each.
 SD15_PREFIX = "model.diffusion_model."
@@ -29,6 +30,7 @@ SD15_PLAN = {
     "middle_block.1.transformer_blocks.0.attn1.to_out.0": {"format": "mxfp8"},
     "output_blocks.1.1.transformer_blocks.0.attn1.to_v": {"format": "int8_tensorwise"},
     "output_blocks.0.1.transformer_blocks.0.ff.net.2": {"format": "float8_e5m2"},
+    "middle_block.1.transformer_blocks.0.ff.net.2": {"format": "asym_w4a8_int8"},
 }
 SCALED_FLUX = ("double_blocks.0.img_attn.qkv", "double_blocks.0.img_mlp.2",
                "single_blocks.0.linear1", "final_layer.linear")

@@ -105,7 +105,8 @@ def prepare(sd, path, metadata=None, model_prefix=""):
 
 
 # --- ComfyUI 0.33+: comfy_quant layers -----------------------------------------------------------
-SUPPORTED = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4")
+SUPPORTED = ("float8_e4m3fn", "float8_e5m2", "nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4",
+             "asym_w4a8_int8")
 # file companion -> (Params field, dtype ComfyUI views it as, required) per format, as
 # comfy.ops._load_quantized_module reads them.
 _SCALES = {
@@ -116,7 +117,13 @@ _SCALES = {
               "weight_scale": ("block_scale", torch.float8_e4m3fn, True)},
     "int8_tensorwise": {"weight_scale": ("scale", None, True)},
     "convrot_w4a4": {"weight_scale": ("scale", None, True)},
+    # 4-bit weight packed in int8, fp8 scales per group, fp32 per channel, and an optional
+    # 16-entry codebook (ComfyUI passes None for a missing channel scale or codebook).
+    "asym_w4a8_int8": {"weight_s_rel": ("scale", torch.float8_e4m3fn, True),
+                       "weight_s_channel": ("s_channel", None, False),
+                       "weight_codebook": ("codebook", None, False)},
 }
+_CODEBOOK = ((16,), torch.float32)   # one value per 4-bit code
 
 
 def _extra_params(fmt, conf):
@@ -129,6 +136,9 @@ def _extra_params(fmt, conf):
     if fmt == "convrot_w4a4":
         return {"convrot_groupsize": int(get("convrot_groupsize", 256)), "quant_group_size": 64,
                 "linear_dtype": get("linear_dtype", "int4")}
+    if fmt == "asym_w4a8_int8":
+        return {"group_size": int(get("group_size", 16)),
+                "convrot_groupsize": int(get("convrot_groupsize", 256))}
     return {}
 
 
@@ -139,11 +149,16 @@ def _expected(fmt, shape, extra_items):
     from comfy.quant_ops import QUANT_ALGOS, get_layout_class
 
     layout = get_layout_class(QUANT_ALGOS[fmt]["comfy_tensor_layout"])
-    kw = {"convrot_groupsize": dict(extra_items)["convrot_groupsize"]} \
-        if fmt == "convrot_w4a4" else {}
+    extra = dict(extra_items)
+    kw = {"convrot_groupsize": extra["convrot_groupsize"]} if fmt == "convrot_w4a4" else {}
+    if fmt == "asym_w4a8_int8":
+        # Choosing a codebook reads the values (not possible on meta); its shape is fixed.
+        kw = dict(extra, codebook=False)
     q, params = layout.quantize(torch.zeros(shape, dtype=torch.bfloat16, device="meta"), **kw)
     fields = {k: (tuple(v.shape), v.dtype) for k, v in vars(params).items()
               if isinstance(v, torch.Tensor)}
+    if fmt == "asym_w4a8_int8":
+        fields["codebook"] = _CODEBOOK
     return tuple(q.shape), QUANT_ALGOS[fmt]["storage_t"], fields
 
 
