@@ -235,9 +235,9 @@ def load_checkpoint(path, embedding_directory=None, progress=None):
     te_options = {"custom_operations": ops,
                   "initial_device": mm.text_encoder_offload_device()}
     out = comfy_build(
-        comfy.sd.load_state_dict_guess_config, sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
-        model_options={"custom_operations": ops}, te_model_options=te_options, metadata=metadata,
-        steps=steps)
+        comfy.sd.load_state_dict_guess_config, sd, output_vae=True, output_clip=True,
+        embedding_directory=embedding_directory, model_options={"custom_operations": ops},
+        te_model_options=te_options, metadata=metadata, steps=steps)
     if out is None:
         raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
                              "Use the VBAR Diffusion Model Loader for diffusion-model-only files")
