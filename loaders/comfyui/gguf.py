@@ -38,27 +38,36 @@ def _check_all(checks):
     return check
 
 
-def _plain_embeddings(model):
+def _plain_embeddings(model, steps=None):
     """Embedding tables become ordinary tensors in the dtype ComfyUI chose for the layer.
 
     ComfyUI reads them directly (a text encoder runs on its token table's device; CLIP adds its
     position table itself), and the token tables stay out of the VBAR. A stock load stores them
-    in the layer's dtype, so an F32 table from a file is converted too, to compute the same."""
+    in the layer's dtype, so an F32 table from a file is converted too, to compute the same.
+
+    ``steps``: a LoadProgress; the tables to convert are added to its total, and each one
+    counts when done (dequantizing a large token table takes seconds on a CPU)."""
     from ..gguf.weights import GGUFWeight
 
+    todo = []
     for m in model.modules():
         p = m._parameters.get("weight") if isinstance(m, torch.nn.Embedding) else None
-        if p is None or p.is_meta:
-            continue
+        if p is not None and not p.is_meta:
+            todo.append((m, p))
+    if steps is not None:
+        steps.extend(sum(p.numel() for _, p in todo))
+    for m, p in todo:
         dtype = getattr(m, "vbar_store_dtype", None)
+        new = None
         if isinstance(p, GGUFWeight):
             new = p.dequantize(dtype if dtype is not None and dtype.is_floating_point
                                else torch.float32)
         elif dtype is not None and p.dtype.is_floating_point and p.dtype != dtype:
             new = p.detach().to(dtype)
-        else:
-            continue
-        m._parameters["weight"] = torch.nn.Parameter(new, requires_grad=False)
+        if new is not None:
+            m._parameters["weight"] = torch.nn.Parameter(new, requires_grad=False)
+        if steps is not None:
+            steps.add(p.numel())
 
 
 def load_gguf_diffusion_model(path, dequant_dtype="default", patch_dtype="default",
@@ -197,16 +206,22 @@ def _undo_llama_cpp_edits(gf, arch, sd):
 
 
 def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=None,
-                       model_options=None):
+                       model_options=None, progress=None):
     """CLIP from one or more text-encoder files, .gguf and .safetensors mixed.
 
     ``clip_type``: a CLIPLoader/DualCLIPLoader ``type`` string or a comfy.sd.CLIPType.
-    ``model_options``: extra ComfyUI model options (e.g. ``t5xxl_model_config`` in tests)."""
+    ``model_options``: extra ComfyUI model options (e.g. ``t5xxl_model_config`` in tests).
+    ``progress(done, total)``: in tensor elements (a packed GGUF weight counts its bytes) as
+    ComfyUI loads them and the token tables are dequantized (default: ComfyUI's progress bar,
+    stopping on an interrupt; see progress.py). An interrupt stops the load before any VBAR
+    is made."""
     import comfy.model_management as mm
     import comfy.sd
 
     from .loading import _check_supported, comfy_build, open_checked, wrap_clip
     from .ops import vbar_operations
+    from .progress import load_progress
+    from ..runtime.progress import parameters
 
     if isinstance(clip_type, str):
         clip_type = getattr(comfy.sd.CLIPType, clip_type.upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
@@ -223,15 +238,17 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
             _check_supported(sd, p)
             checks.append(check)
             sds.append(sd)
+    steps = load_progress(progress, sum(parameters(sd.values()) for sd in sds))
     options = {"custom_operations": vbar_operations(),
                "initial_device": mm.text_encoder_offload_device()}
     options.update(model_options or {})
     clip = comfy_build(
         comfy.sd.load_text_encoder_state_dicts,
         state_dicts=sds, embedding_directory=embedding_directory, clip_type=clip_type,
-        model_options=options)
+        model_options=options, steps=steps)
     model = clip.cond_stage_model
-    _plain_embeddings(model)
+    _plain_embeddings(model, steps)
+    steps.finish()      # the last point an interrupt stops the load: nothing reserved yet
     attach_sources(model)
     name = "+".join(os.path.basename(str(p)) for p in paths)
     wrap_clip(clip, name, source_check=_check_all(checks))

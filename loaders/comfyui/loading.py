@@ -36,17 +36,24 @@ def open_checked(path):
 _warned_dynamic = False
 
 
-def comfy_build(fn, *args, **kwargs):
+def comfy_build(fn, *args, steps=None, **kwargs):
     """Call one of comfy.sd's loaders so that it builds plain ModelPatchers.
 
     Dynamic VRAM (ComfyUI 0.11+, comfy-aimdo) would otherwise give a ModelPatcherDynamic, whose
     weights aimdo manages; a VBAR model's weights are the VBAR's. ComfyUI takes
-    ``disable_dynamic`` wherever it can build a dynamic patcher; older versions have neither."""
+    ``disable_dynamic`` wherever it can build a dynamic patcher; older versions have neither.
+
+    ``steps``: a runtime.progress.LoadProgress that counts every module ComfyUI loads from the
+    state dict (the VAE's weights are copied there: most of a checkpoint load) and may stop
+    the build (an interrupt) between modules, before anything of ours is reserved."""
     import inspect
+
+    from ..runtime.progress import module_loads
 
     if "disable_dynamic" in inspect.signature(fn).parameters:
         kwargs["disable_dynamic"] = True
-    return fn(*args, **kwargs)
+    with module_loads(steps.add if steps is not None else None):
+        return fn(*args, **kwargs)
 
 
 def plain_patcher(patcher):
@@ -208,25 +215,34 @@ def wrap_vae(vae, name, source_check=None):
     return vae
 
 
-def load_checkpoint(path, embedding_directory=None):
-    """MODEL, CLIP, VAE from a checkpoint, all three VBAR-backed."""
+def load_checkpoint(path, embedding_directory=None, progress=None):
+    """MODEL, CLIP, VAE from a checkpoint, all three VBAR-backed.
+
+    ``progress(done, total)``: in tensor elements, as ComfyUI loads them (default: ComfyUI's
+    progress bar, stopping on an interrupt; see progress.py). An interrupt stops the load
+    before any VBAR is made."""
     import comfy.model_management as mm
     import comfy.sd
 
     from .ops import vbar_operations
+    from .progress import load_progress
+    from ..runtime.progress import parameters
 
     sd, metadata, check = open_checked(path)
     sd, prep = _quantized(sd, path, metadata)
+    steps = load_progress(progress, parameters(sd.values()))
     ops = vbar_operations()
     te_options = {"custom_operations": ops,
                   "initial_device": mm.text_encoder_offload_device()}
     out = comfy_build(
-        comfy.sd.load_state_dict_guess_config, sd, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
-        model_options={"custom_operations": ops}, te_model_options=te_options, metadata=metadata)
+        comfy.sd.load_state_dict_guess_config, sd, output_vae=True, output_clip=True,
+        embedding_directory=embedding_directory, model_options={"custom_operations": ops},
+        te_model_options=te_options, metadata=metadata, steps=steps)
     if out is None:
         raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
                              "Use the VBAR Diffusion Model Loader for diffusion-model-only files")
     model, clip, vae = out[:3]
+    steps.finish()      # the last point an interrupt stops the load: nothing reserved yet
     base = os.path.basename(str(path))
     if model is not None:
         _attach_quantized(model, prep)

@@ -113,15 +113,21 @@ def load_nf4_diffusion_model(path, double_blocks=0, single_blocks=0, quantize_on
 
 
 def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_directory=None,
-                        owner=None):
+                        owner=None, progress=None):
     """MODEL, CLIP, VAE from an NF4 checkpoint (Flux NF4 files: 4-bit diffusion model,
-    fp16/fp8 text encoders, bf16 VAE). CLIP is None when the file has no text encoders."""
+    fp16/fp8 text encoders, bf16 VAE). CLIP is None when the file has no text encoders.
+
+    ``progress(done, total)``: in tensor elements as ComfyUI loads them (default: ComfyUI's
+    progress bar, stopping on an interrupt; see progress.py). An interrupt stops the load
+    before any VBAR is made and before ``owner``'s previous load gives up its pins."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.sd
 
     from .loading import comfy_build, wrap_clip, wrap_vae
     from .ops import vbar_operations
+    from .progress import load_progress
+    from ..runtime.progress import parameters
 
     logical, weights, prefix, metadata, check = _open(path, double_blocks, single_blocks)
     # ComfyUI falls back to a diffusion-model load without our operations when detection fails,
@@ -130,6 +136,7 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
         raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
                              "Use the VBAR NF4 Diffusion Model Loader for diffusion-model-only files")
     ops = vbar_operations()
+    steps = load_progress(progress, parameters(logical.values()))
     try:
         out = comfy_build(
             comfy.sd.load_state_dict_guess_config,
@@ -137,10 +144,11 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
             model_options={"custom_operations": ops},
             te_model_options={"custom_operations": ops,
                               "initial_device": mm.text_encoder_offload_device()},
-            metadata=metadata)
+            metadata=metadata, steps=steps)
     except RuntimeError as e:
         raise _size_mismatch(path, e) from e
     model, clip, vae = out[:3]
+    steps.finish()      # the last point an interrupt stops the load: nothing reserved yet
     base = os.path.basename(str(path))
     _finish_model(model, path, weights, prefix, double_blocks, single_blocks, False, check, owner)
     if clip is not None:
