@@ -46,10 +46,14 @@ def start_server(harness, comfy, python, models, extra_nodes=(), **kw):
     sys.path.insert(0, harness)
     from harness import ComfyServer
 
+    class Server(ComfyServer):
+        def command(self, extra_paths):
+            return drop_unknown_flags(super().command(extra_paths), self.comfy_dir)
+
     # COMFY_ARGS: extra ComfyUI flags for every server of the suite (e.g. --cache-classic)
     kw["extra_args"] = shlex.split(os.environ.get("COMFY_ARGS", "")) + list(kw.get("extra_args", ()))
-    srv = ComfyServer(comfy, custom_nodes=[str(ROOT), *map(str, extra_nodes)], models_dir=models,
-                      python=python, **kw)
+    srv = Server(comfy, custom_nodes=[str(ROOT), *map(str, extra_nodes)], models_dir=models,
+                 python=python, **kw)
     srv.harness_dir = harness   # where its workflows are (see load_wf)
     srv.start()
     failures = [f for f in srv.import_failures() if ROOT.name in str(f) or str(ROOT) in str(f)]
@@ -57,6 +61,26 @@ def start_server(harness, comfy, python, models, extra_nodes=(), **kw):
         srv.stop()
         raise AssertionError(f"custom node import failed: {failures}\n{srv.log_tail(80)}")
     return srv
+
+
+# Flags the harness always passes that older ComfyUIs do not know (argparse would exit), with
+# how many values each takes: --database-url came with ComfyUI's database (after 0.3.40).
+_OPTIONAL_FLAGS = {"--database-url": 1}
+
+
+def drop_unknown_flags(cmd, comfy_dir):
+    """``cmd`` without the optional flags this ComfyUI's comfy/cli_args.py does not define."""
+    with open(os.path.join(comfy_dir, "comfy", "cli_args.py"), encoding="utf-8") as f:
+        known = f.read()
+    out, i = [], 0
+    while i < len(cmd):
+        n = _OPTIONAL_FLAGS.get(cmd[i])
+        if n is not None and f'"{cmd[i]}"' not in known:
+            i += 1 + n
+            continue
+        out.append(cmd[i])
+        i += 1
+    return out
 
 
 def add_budget(wf, model, budget_gb, node="91"):
