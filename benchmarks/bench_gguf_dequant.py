@@ -38,10 +38,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402,F401  (registers the vbar_loaders alias)
-from vbar_loaders.loaders.gguf.dequant import QTYPE_BLOCK, dequantize  # noqa: E402
+from vbar_loaders.loaders.gguf.dequant import QTYPE_BLOCK, dequantize
 
 FLOATS = (QT.F32, QT.F16, QT.BF16)
 F16_FIELDS = {

@@ -17,16 +17,12 @@ import argparse
 import gc
 import mmap
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _pack  # noqa: E402,F401  (alias package vbar_loaders)
-
-from vbar_loaders.vram import Pool  # noqa: E402
-from vbar_loaders.vram.host_backend import HostBackend  # noqa: E402
+from vbar_loaders.vram import Pool
+from vbar_loaders.vram.host_backend import HostBackend
 
 MiB = 1 << 20
 GiB = 1 << 30

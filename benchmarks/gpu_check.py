@@ -95,7 +95,6 @@ class Ctx:
         for p in (HERE, TESTS):
             if str(p) not in sys.path:
                 sys.path.insert(0, str(p))
-        import _pack  # noqa: F401  (registers the vbar_loaders alias)
         import torch
 
         self.selftest = selftest
