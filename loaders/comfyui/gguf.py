@@ -205,7 +205,7 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     import comfy.model_management as mm
     import comfy.sd
 
-    from .loading import _check_supported, comfy_build, open_checked, wrap_clip
+    from .loading import check_supported, comfy_build, open_checked, wrap_clip
     from .ops import vbar_operations
 
     if isinstance(clip_type, str):
@@ -220,7 +220,7 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
                 no_vision.append(str(p))
         else:
             sd, _, check = open_checked(p)
-            _check_supported(sd, p)
+            check_supported(sd, p)
             checks.append(check)
             sds.append(sd)
     options = {"custom_operations": vbar_operations(),

@@ -200,10 +200,5 @@ def restore_pins(store):
             if not h.slot.held:      # ComfyUI loads a model that is loaded already: keep its hold
                 v.hold(h.slot)
     except Exception as e:
-        from ...vram import BudgetExceeded
-
         release_pins(store, free=False)
-        raise BudgetExceeded(
-            f"{store.name}: the pinned blocks need {sum(h.nbytes for h in held) / 2**20:.0f} MiB "
-            f"resident but the VRAM budget is {store.pool.budget() / 2**20:.0f} MiB ({e}). Pin "
-            f"fewer blocks or raise the budget") from e
+        raise store.pins_do_not_fit(e) from e
