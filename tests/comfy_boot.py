@@ -20,6 +20,13 @@ def load_pack(repo=REPO, name="vbar_loaders"):
     return pack
 
 
+def check(name, cond, detail=""):
+    """One named check of a script: prints 'CHECK name ok' (the test reads these), or raises."""
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"CHECK {name} ok", flush=True)
+
+
 def boot(comfy_dir):
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]

@@ -10,7 +10,7 @@ ARGS = list(sys.argv)
 comfy_dir, work, models = ARGS[1], ARGS[2], ARGS[3]
 os.makedirs(work, exist_ok=True)
 only = set(ARGS[4].split(",")) if len(ARGS) > 4 and ARGS[4] else None
-from comfy_boot import boot  # noqa: E402
+from comfy_boot import boot, check  # noqa: E402
 
 boot(comfy_dir)
 
@@ -31,12 +31,6 @@ KIND = quant.flavor()
 NATIVE_EXPECTED = ()
 BUDGETS = {"unlimited": 64 << 30, "tiny": 1 << 20}
 pool = get_pool("cpu", budget=BUDGETS["unlimited"])
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 def free():
