@@ -1,7 +1,7 @@
 """GGUF diffusion models and text encoders as VBAR-backed ComfyUI objects.
 
-The VBAR slots hold the *quantized* bytes (4-8x smaller than bf16, so far more of a model stays
-resident); each use dequantizes on the compute device into a temporary. ComfyUI detects and
+The VBAR slots hold the *quantized* bytes (2-6x fewer than bf16, from Q8_0 to Q2_K, so far more
+of a model stays resident); each use dequantizes on the compute device into a temporary. ComfyUI detects and
 builds the model from GGUFWeight tensors, which report logical shapes, and our operations adopt
 them without copying. Imports ComfyUI only inside functions.
 """

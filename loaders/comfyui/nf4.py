@@ -1,11 +1,11 @@
 """NF4 checkpoints and diffusion models in ComfyUI, with Flux block pinning.
 
 ComfyUI detects and builds the model from the *logical* state dict (4-bit weights replaced by
-meta tensors of their real shape: see nf4_model), with our adopting operations; the Linear
+meta tensors of their real shape: see loaders/nf4/model.py), with our adopting operations; the Linear
 layers are then pointed at their packed bytes, the first N double / M single blocks marked
 to be held resident, and ``wrap_model`` puts everything behind the VBAR.
 
-Pins then follow the model's life in ComfyUI: see comfy_pins.
+Pins then follow the model's life in ComfyUI: see pins.py.
 """
 import logging
 import os

@@ -1,12 +1,12 @@
 """Block pinning: keep a diffusion model's first blocks resident, the rest fault.
 
-Two ways to choose them: Flux's first N double / M single blocks (the inputs the popular Flux
-nodes have), or, for every family with repeated blocks, the first N of the model's blocks in
-forward order (``first``), where what a block is comes from one table (``BLOCK_LISTS``).
+Two ways to choose them: Flux's first N double / M single blocks (the nodes'
+``double_blocks_cuda_size`` / ``single_blocks_cuda_size``), or, for every family with repeated
+blocks, the first N of the model's blocks in forward order (``first``), where what a block is
+comes from one table (``BLOCK_LISTS``).
 
-The popular node this replaces moves whole blocks with blocking copies every step; here a
-pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
-evicted) and every other layer faults within the budget. What a block is, how many a file
+A pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
+evicted, no copy per step) and every other layer faults within the budget. What a block is, how many a file
 has, which layers to hold, and holding/releasing a store's pins; when to do so over a model's
 life in ComfyUI is comfyui/pins.py's business.
 """
