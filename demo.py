@@ -154,7 +154,8 @@ def main(argv=None):
     print(f"model: {args.layers} blocks x width {args.width}, {weights / MiB:.1f} MiB of fp32 weights "
           f"in {len(vbar.slots)} VBAR slots ({len(store.handles) - len(vbar.slots)} small tensors "
           f"live outside it)")
-    print(f"pool:  host backend, budget {mib(budget)} MiB{'' if args.budget else ' (default: half the weights)'}, "
+    default = "" if args.budget else " (default: half the weights)"
+    print(f"pool:  host backend, budget {mib(budget)} MiB{default}, "
           f"page {fmt_bytes(page)}, {vbar.size / MiB:.0f} MiB of address space reserved")
 
     held = []

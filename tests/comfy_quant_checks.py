@@ -157,12 +157,16 @@ if want("errors") and KIND == "mixed":
         quant._check_layer(layer(fmt), (32, 256), P)
     check("well-formed layers of every format pass the shape checks", True)
     cases = [
-        ("nvfp4 block scale of the wrong shape", layer("nvfp4", weight_scale=torch.zeros(4, 4, dtype=torch.float8_e4m3fn)), "weight_scale"),
+        ("nvfp4 block scale of the wrong shape",
+         layer("nvfp4", weight_scale=torch.zeros(4, 4, dtype=torch.float8_e4m3fn)), "weight_scale"),
         ("nvfp4 without weight_scale_2", layer("nvfp4", weight_scale_2=None), "weight_scale_2"),
-        ("mxfp8 block scale of 2-byte values", layer("mxfp8", weight_scale=torch.zeros(128, 4, dtype=torch.float16)), "weight_scale"),
+        ("mxfp8 block scale of 2-byte values",
+         layer("mxfp8", weight_scale=torch.zeros(128, 4, dtype=torch.float16)), "weight_scale"),
         ("fp8 scale with 2 values", layer("float8_e4m3fn", weight_scale=torch.ones(2)), "weight_scale"),
-        ("int8 scale that is an integer", layer("int8_tensorwise", weight_scale=torch.ones((), dtype=torch.int32)), "weight_scale"),
-        ("fp8 weight stored as bf16", layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
+        ("int8 scale that is an integer",
+         layer("int8_tensorwise", weight_scale=torch.ones((), dtype=torch.int32)), "weight_scale"),
+        ("fp8 weight stored as bf16",
+         layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
         ("nvfp4 weight for another shape", layer("nvfp4", (64, 256)), "weight"),
         ("convrot on a width its layout cannot hold", layer("int8_tensorwise", (32, 96)), "weight"),
     ]

@@ -46,7 +46,8 @@ SCENARIO = textwrap.dedent("""
 CHANGES = {
     "truncated": "os.truncate(path, 4096)",
     "rewritten": "open(path, 'r+b').write(b'x' * 16)",
-    "replaced": "os.replace(path + '', path + '.old'); open(path, 'wb').write(open(path + '.old', 'rb').read())",
+    "replaced": ("os.replace(path + '', path + '.old'); "
+                 "open(path, 'wb').write(open(path + '.old', 'rb').read())"),
     "deleted": "os.remove(path)",
 }
 
