@@ -12,31 +12,22 @@ the script prints OK or FAIL and exits 1 on a mismatch.
 After each step it prints the pool's counters; at the end, where every weight lives:
 ``held`` (pinned by you: never evicted), ``resident`` (mapped, reused without a copy) or
 ``streamed`` (did not fit the budget: copied through a temporary at each use).
-No GPU, no ComfyUI and no model file needed.
+No GPU, no ComfyUI and no model file needed; the pack must be installed (``pip install -e .``).
 """
 import argparse
 import copy
-import pathlib
 import sys
 import time
-import types
 
-ROOT = pathlib.Path(__file__).resolve().parent
-if "vbar_loaders" not in sys.modules:  # same alias as tests/conftest.py and benchmarks/_pack.py
-    _pkg = types.ModuleType("vbar_loaders")
-    _pkg.__path__ = [str(ROOT)]
-    _pkg.__file__ = str(ROOT / "__init__.py")
-    sys.modules["vbar_loaders"] = _pkg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vbar_loaders.loaders.runtime.vbar_modules import execution_order, vbarize  # noqa: E402
-from vbar_loaders.loaders.runtime.weight_store import WeightStore  # noqa: E402
-from vbar_loaders.vram import BudgetExceeded, Pool, parse_bytes  # noqa: E402
-from vbar_loaders.vram.host_backend import HostBackend  # noqa: E402
-from vbar_loaders.vram.stats import fmt_bytes  # noqa: E402
+from vbar_loaders.loaders.runtime.vbar_modules import execution_order, vbarize
+from vbar_loaders.loaders.runtime.weight_store import WeightStore
+from vbar_loaders.vram import BudgetExceeded, Pool, parse_bytes
+from vbar_loaders.vram.host_backend import HostBackend
+from vbar_loaders.vram.stats import fmt_bytes
 
 MiB = 1 << 20
 VOCAB = 512
@@ -163,7 +154,8 @@ def main(argv=None):
     print(f"model: {args.layers} blocks x width {args.width}, {weights / MiB:.1f} MiB of fp32 weights "
           f"in {len(vbar.slots)} VBAR slots ({len(store.handles) - len(vbar.slots)} small tensors "
           f"live outside it)")
-    print(f"pool:  host backend, budget {mib(budget)} MiB{'' if args.budget else ' (default: half the weights)'}, "
+    default = "" if args.budget else " (default: half the weights)"
+    print(f"pool:  host backend, budget {mib(budget)} MiB{default}, "
           f"page {fmt_bytes(page)}, {vbar.size / MiB:.0f} MiB of address space reserved")
 
     held = []

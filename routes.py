@@ -1,9 +1,10 @@
 """HTTP routes under /vbar/ and the live "vbar.stats" events: read-only snapshots of the
 allocator, safe while sampling runs.
 
-``register()`` runs when ComfyUI imports the pack: with ComfyUI's server up it adds
-``GET /vbar/stats`` and starts one daemon thread (StatsPusher) that wakes every
-PUSH_INTERVAL_S; without a server (tests, scripts) it does nothing."""
+``register()`` runs when ComfyUI first reads the pack's node mappings (the root __init__.py),
+right after importing it: with ComfyUI's server up it adds ``GET /vbar/stats`` and starts one
+daemon thread (StatsPusher) that wakes every PUSH_INTERVAL_S; without a server (tests,
+scripts) it does nothing."""
 import logging
 import threading
 

@@ -19,17 +19,12 @@ drives values into denormals, which are 10x slower on x86 and would skew the tab
     python benchmarks/bench_eager_floor.py [--reps N] [--quick]
 """
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402,F401  (registers the vbar_loaders alias)
-from vbar_loaders.loaders.nf4 import kernels as K  # noqa: E402
+from vbar_loaders.loaders.nf4 import kernels as K
 
 CHUNK = 1 << 19
 

@@ -38,10 +38,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-import conftest  # noqa: E402,F401  (registers the vbar_loaders alias)
-from vbar_loaders.loaders.gguf.dequant import QTYPE_BLOCK, dequantize  # noqa: E402
+from vbar_loaders.loaders.gguf.dequant import QTYPE_BLOCK, dequantize
 
 FLOATS = (QT.F32, QT.F16, QT.BF16)
 F16_FIELDS = {
@@ -127,7 +124,8 @@ def _worker(conn, threads, clock_name, keep_freed):
             return
         if msg[0] == "case":
             _, method, name, rows, cols = msg
-            raw = make_raw(QT[name], rows, cols, np.random.default_rng(zlib.crc32(f"{name} {rows}x{cols}".encode())))
+            rng = np.random.default_rng(zlib.crc32(f"{name} {rows}x{cols}".encode()))
+            raw = make_raw(QT[name], rows, cols, rng)
             fn = methods(QT[name], raw, (rows, cols), city).get(method)
             # warm-up, and a digest of the result for the cross-check
             conn.send(None if fn is None else
@@ -198,8 +196,10 @@ def main(argv=None):
     city = load_city96()
     names = ["ours", "ref"] + (["city96", "city96/fp16"] if city else []) + ["memcpy"]
     workers = Workers(names, args.threads, args.clock, keep_freed=not args.page_faults)
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {reps} reps, "
-          f"one process per method, {'default malloc' if args.page_faults else 'freed memory kept'}; city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
+    malloc = "default malloc" if args.page_faults else "freed memory kept"
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, median of {reps} "
+          f"reps, one process per method, {malloc}; "
+          f"city96: {'yes' if city else 'no (set CITY96_GGUF_PATH)'}")
     hdr = (f"{'type':7} {'shape':>11} {'ours':>7} {'ref':>7} {'city96':>7} {'memcpy':>7} "
            f"{'ours/ref':>9} {'ours/c96':>9} {'ours/memcpy':>12}")
     print(hdr)
@@ -212,7 +212,8 @@ def main(argv=None):
                     raise SystemExit(f"{name}: result differs from the gguf reference")
                 gbs = {k: rows * cols * 2 / v / 1e9 for k, v in t.items()}
                 c96 = max(gbs.get("city96", 0), gbs.get("city96/fp16", 0))
-                c96_cols = (f"{c96:7.2f}", f"{gbs['ours'] / c96:8.2f}x") if c96 else (f"{'-':>7}", f"{'-':>9}")
+                c96_cols = ((f"{c96:7.2f}", f"{gbs['ours'] / c96:8.2f}x") if c96
+                            else (f"{'-':>7}", f"{'-':>9}"))
                 print(f"{name:7} {rows:>5}x{cols:<5} {gbs['ours']:7.2f} {gbs['ref']:7.2f} {c96_cols[0]} "
                       f"{gbs['memcpy']:7.2f} {gbs['ours'] / gbs['ref']:8.1f}x {c96_cols[1]} "
                       f"{gbs['ours'] / gbs['memcpy']:11.2f}x", flush=True)

@@ -18,7 +18,6 @@ import statistics
 import tempfile
 import time
 
-import _pack  # noqa: F401
 import torch
 
 from vbar_loaders.loaders.files.safetensors_file import SafetensorsFile

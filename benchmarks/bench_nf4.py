@@ -6,21 +6,12 @@ GB/s counts the bf16 output bytes. All methods run round-robin in one process, s
 from other processes hits them alike; each figure is the median over rounds.
 """
 import argparse
-import pathlib
 import statistics
-import sys
 import time
-import types
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if "vbar_loaders" not in sys.modules:  # same alias as tests/conftest.py
-    pkg = types.ModuleType("vbar_loaders")
-    pkg.__path__ = [str(ROOT)]
-    sys.modules["vbar_loaders"] = pkg
-
-from vbar_loaders.loaders.nf4.codec import dequantize_nf4, parse_quant_state  # noqa: E402
+from vbar_loaders.loaders.nf4.codec import dequantize_nf4, parse_quant_state
 
 
 def bnb_case(x, nested):

@@ -4,7 +4,7 @@ The bound is max(compute, bytes streamed per step / copy bandwidth), both measur
 compute is the all-resident step time; bandwidth is a plain tensor copy of the same size.
 Compute runs on one thread so the prefetch worker has a core of its own for the copies, as a
 GPU has copy engines beside its SMs. Streams pay for a real copy (``copy_streams``), as a
-transfer to a device would, into memory that malloc keeps (``_pack.keep_freed_memory``), as a
+transfer to a device would, into memory that malloc keeps (``keep_freed_memory``), as a
 device's caching allocator would: a fresh 16 MiB host buffer per stream would add page faults
 that a GPU does not have. Every configuration is timed one step at a time in rotation.
 
@@ -15,7 +15,6 @@ import copy
 import statistics
 import time
 
-import _pack  # noqa: F401
 import torch
 
 from vbar_loaders.loaders.runtime.vbar_modules import vbarize
@@ -25,6 +24,22 @@ from vbar_loaders.vram.host_backend import HostBackend
 
 PAGE = 2 << 20
 DEPTH = int(__import__("os").environ.get("VBAR_PREFETCH", "1"))
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory in the process (no mmap per large block, no trim),
+    as CUDA's caching allocator does on a GPU. Otherwise every fresh large temporary on the host
+    is page-faulted in, a cost the device being simulated does not have. Returns whether it
+    took effect (glibc only)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def _synced(device):
@@ -103,7 +118,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    kept = _pack.keep_freed_memory()
+    kept = keep_freed_memory()
     width, layers, tokens, reps = (512, 6, 8, 3) if args.quick else (2048, 12, 12, 21)
     compute, bw, total, rows = run(width, layers, tokens, reps)
     print(f"P4 overlap: {layers} x Linear({width}, {width}) fp32 = {total / 2**20:.0f} MiB, "

@@ -17,16 +17,12 @@ import argparse
 import gc
 import mmap
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _pack  # noqa: E402,F401  (alias package vbar_loaders)
-
-from vbar_loaders.vram import Pool  # noqa: E402
-from vbar_loaders.vram.host_backend import HostBackend  # noqa: E402
+from vbar_loaders.vram import Pool
+from vbar_loaders.vram.host_backend import HostBackend
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -237,18 +233,18 @@ def main(argv=None):
         ["  best batch fault+unpin (us)", f"{h1['best']:.2f}", "", ""],
         ["hit: fault+unpin, 3-page slot (us)", f"{h3['both']:.2f}", "", "info"],
         ["hit: WeightStore.use() resident (us)", f"{use_us:.2f}", "", "info"],
-        [f"miss: fault after eviction, 2 MiB pages (us/MiB)", f"{m2['fault_us_per_mib']:.1f}", "",
+        ["miss: fault after eviction, 2 MiB pages (us/MiB)", f"{m2['fault_us_per_mib']:.1f}", "",
          f"info ({m2['gbps']:.1f} GB/s)"],
-        [f"miss: fault after eviction, 32 MiB pages (us/MiB)", f"{m32['fault_us_per_mib']:.1f}", "",
+        ["miss: fault after eviction, 32 MiB pages (us/MiB)", f"{m32['fault_us_per_mib']:.1f}", "",
          f"info ({m32['gbps']:.1f} GB/s)"],
         ["  eviction (unmap), 2 MiB pages (us/MiB)", f"{m2['evict_us_per_mib']:.1f}", "", ""],
         ["  eviction (unmap), 32 MiB pages (us/MiB)", f"{m32['evict_us_per_mib']:.1f}", "", ""],
-        [f"reserve 100 GiB VBAR, 32 MiB pages (ms)", f"{r32['ms']:.3f}", f"< {RESERVE_GOAL_MS:g}",
+        ["reserve 100 GiB VBAR, 32 MiB pages (ms)", f"{r32['ms']:.3f}", f"< {RESERVE_GOAL_MS:g}",
          "PASS" if res_ok else "MISS"],
         ["  RSS growth while reserved (KiB)", f"{r32['rss_delta'] / 1024:.0f}",
          f"< {RSS_GOAL_BYTES // 1024}", "PASS" if rss_ok else "MISS"],
         ["  address space reserved (GiB)", f"{r32['vm_delta'] / GiB:.1f}", "", ""],
-        [f"reserve 100 GiB VBAR, 2 MiB pages (ms)", f"{r2['ms']:.3f}", "", "info"],
+        ["reserve 100 GiB VBAR, 2 MiB pages (ms)", f"{r2['ms']:.3f}", "", "info"],
         ["  RSS growth while reserved (KiB)", f"{r2['rss_delta'] / 1024:.0f}", "",
          f"info ({r2['pages']} pages of bookkeeping)"],
     ]

@@ -40,9 +40,6 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-import _pack  # noqa: E402,F401  (the pack as vbar_loaders, as in tests/conftest.py)
 PARSERS = ("safetensors", "gguf", "nf4")
 EXT = {"safetensors": ".safetensors", "gguf": ".gguf", "nf4": ".safetensors"}
 

@@ -95,7 +95,6 @@ class Ctx:
         for p in (HERE, TESTS):
             if str(p) not in sys.path:
                 sys.path.insert(0, str(p))
-        import _pack  # noqa: F401  (registers the vbar_loaders alias)
         import torch
 
         self.selftest = selftest
@@ -328,7 +327,8 @@ def section_nf4(ctx):
                                 verdict="FAIL", note=f"NF4 {shape}: {e} (ours vs bitsandbytes)"))
                 continue
             b = gbs.get("bnb")
-            rows.append(row("nf4", f"{shape[0]}x{shape[1]} {'v1' if nested else 'v2'} -> bf16 (GB/s), ref = bnb",
+            label = f"{shape[0]}x{shape[1]} {'v1' if nested else 'v2'} -> bf16 (GB/s), ref = bnb"
+            rows.append(row("nf4", label,
                             num(gbs["ours"]), num(b) if b else "-",
                             f"{num(gbs['ours'] / b)}x" if b else "-", "PASS" if b else "skip",
                             "" if b else "bitsandbytes not installed: no reference, not compared"))
@@ -375,7 +375,8 @@ def comfy_server(harness, comfy, python, models, gpu):
         def command(self, extra_paths):
             return [a for a in super().command(extra_paths) if a != "--cpu"]
 
-    srv = (GpuServer if gpu else ComfyServer)(comfy, custom_nodes=[str(ROOT)], models_dir=models, python=python)
+    srv = (GpuServer if gpu else ComfyServer)(comfy, custom_nodes=[str(ROOT)], models_dir=models,
+                                              python=python)
     srv.harness_dir = harness
     srv.start(timeout=120)
     failures = [f for f in srv.import_failures() if str(ROOT) in str(f) or ROOT.name in str(f)]

@@ -31,13 +31,8 @@ import threading
 import time
 import weakref
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-import _pack  # noqa: E402,F401  (the pack as vbar_loaders, as in tests/conftest.py)
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 
 # --- the three models (real-looking key names; two dtypes; linear, conv, embedding, norms) ------

@@ -1,11 +1,30 @@
 """Start-up shared by the scripts that run inside ComfyUI's interpreter (comfy_*_check.py):
-ComfyUI importable from its checkout with CPU flags, and this repository as ``vbar_loaders``
-(the package name ComfyUI would give it from custom_nodes)."""
+ComfyUI importable from its checkout with CPU flags, and the checkout these scripts sit in
+loaded by its folder as ``vbar_loaders``, the way ComfyUI loads a custom node. So a script tests
+this checkout whatever is installed in ComfyUI's venv (the servers of the tests load it by folder
+too); no install is needed there."""
+import importlib.util
 import os
 import sys
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_pack(repo=REPO, name="vbar_loaders"):
+    """Import ``repo`` as the package ``name`` (its ``__init__`` imports nothing of ComfyUI)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "__init__.py"),
+                                                  submodule_search_locations=[repo])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
+def check(name, cond, detail=""):
+    """One named check of a script: prints 'CHECK name ok' (the test reads these), or raises."""
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"CHECK {name} ok", flush=True)
 
 
 def boot(comfy_dir):
@@ -14,6 +33,4 @@ def boot(comfy_dir):
     import comfy.options
 
     comfy.options.enable_args_parsing()
-    pkg = types.ModuleType("vbar_loaders")
-    pkg.__path__ = [REPO]
-    sys.modules["vbar_loaders"] = pkg
+    load_pack()

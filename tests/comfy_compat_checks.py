@@ -13,7 +13,7 @@ import os
 import sys
 
 comfy_dir, repo = sys.argv[1], sys.argv[2]
-from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, check  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -29,12 +29,6 @@ from vbar_loaders.loaders.comfyui.ops import LEFT_OUT, OP_NAMES, unclassified_op
 from vbar_loaders.loaders.comfyui.patcher import signature_problems, stores_of  # noqa: E402
 from vbar_loaders.loaders.runtime.vbar_modules import vbar_class  # noqa: E402
 from vbar_loaders.vram import get_pool  # noqa: E402
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 # --- what the installed ComfyUI declares ---------------------------------------------------------

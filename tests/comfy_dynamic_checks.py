@@ -11,7 +11,7 @@ import os
 import sys
 
 comfy_dir, repo = sys.argv[1], sys.argv[2]
-from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, check  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -19,12 +19,6 @@ import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher as mp  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 if not hasattr(mp, "ModelPatcherDynamic"):

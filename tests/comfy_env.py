@@ -2,8 +2,10 @@
 
 COMFYUI_PATH: a ComfyUI checkout (required). COMFY_PYTHON: its interpreter (default
 <COMFYUI_PATH>/../venv/bin/python). COMFY_HARNESS: the harness folder (default ../shared/
-comfy_harness beside this repository). COMFY_HARNESS_MODELS: the tiny models (written if absent). COMFY_ARGS: extra ComfyUI flags.
+comfy_harness beside this repository). COMFY_HARNESS_MODELS: the tiny models (written if absent).
+COMFY_ARGS: extra ComfyUI flags.
 """
+import hashlib
 import os
 import pathlib
 import shlex
@@ -101,3 +103,20 @@ def run_settled(srv, wf, **kw):
     flush = srv.run({"1": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
     assert flush.status == "success", flush.errors
     return srv.run(wf, **kw)
+
+
+def image_digest(paths):
+    """sha256 over the image data (IDAT chunks) of the PNGs at ``paths``, in the order given;
+    the PNG's text chunk holds the prompt, which names the loader, so it is left out."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            data = f.read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+        pos = 8
+        while pos < len(data):
+            n = int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 4:pos + 8] == b"IDAT":
+                h.update(data[pos + 8:pos + 8 + n])
+            pos += 12 + n
+    return h.hexdigest()

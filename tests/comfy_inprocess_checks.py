@@ -4,7 +4,7 @@ import os
 import sys
 
 comfy_dir, repo = sys.argv[1], sys.argv[2]
-from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, check  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -16,12 +16,6 @@ import torch  # noqa: E402
 from vbar_loaders.loaders.comfyui.loading import load_checkpoint  # noqa: E402
 from vbar_loaders.loaders.comfyui.patcher import dynamic_vram_active, stores_of  # noqa: E402
 from vbar_loaders.vram import get_pool  # noqa: E402
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 ckpt = os.path.join(os.environ["COMFY_HARNESS_MODELS"], "checkpoints", "tiny_sd15.safetensors")

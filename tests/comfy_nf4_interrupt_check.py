@@ -8,7 +8,7 @@ import os
 import sys
 
 comfy_dir, models = sys.argv[1], sys.argv[2]
-from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, check  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -20,12 +20,6 @@ from vbar_loaders.loaders.comfyui.progress import comfy_progress  # noqa: E402
 from vbar_loaders.vram import get_pool  # noqa: E402
 
 K = 3
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 def vbars(name):

@@ -10,7 +10,7 @@ ARGS = list(sys.argv)
 comfy_dir, work, models = ARGS[1], ARGS[2], ARGS[3]
 os.makedirs(work, exist_ok=True)
 only = set(ARGS[4].split(",")) if len(ARGS) > 4 and ARGS[4] else None
-from comfy_boot import boot  # noqa: E402
+from comfy_boot import boot, check  # noqa: E402
 
 boot(comfy_dir)
 
@@ -31,12 +31,6 @@ KIND = quant.flavor()
 NATIVE_EXPECTED = ()
 BUDGETS = {"unlimited": 64 << 30, "tiny": 1 << 20}
 pool = get_pool("cpu", budget=BUDGETS["unlimited"])
-
-
-def check(name, cond, detail=""):
-    if not cond:
-        raise AssertionError(f"{name}: {detail}")
-    print(f"CHECK {name} ok", flush=True)
 
 
 def free():
@@ -163,12 +157,16 @@ if want("errors") and KIND == "mixed":
         quant._check_layer(layer(fmt), (32, 256), P)
     check("well-formed layers of every format pass the shape checks", True)
     cases = [
-        ("nvfp4 block scale of the wrong shape", layer("nvfp4", weight_scale=torch.zeros(4, 4, dtype=torch.float8_e4m3fn)), "weight_scale"),
+        ("nvfp4 block scale of the wrong shape",
+         layer("nvfp4", weight_scale=torch.zeros(4, 4, dtype=torch.float8_e4m3fn)), "weight_scale"),
         ("nvfp4 without weight_scale_2", layer("nvfp4", weight_scale_2=None), "weight_scale_2"),
-        ("mxfp8 block scale of 2-byte values", layer("mxfp8", weight_scale=torch.zeros(128, 4, dtype=torch.float16)), "weight_scale"),
+        ("mxfp8 block scale of 2-byte values",
+         layer("mxfp8", weight_scale=torch.zeros(128, 4, dtype=torch.float16)), "weight_scale"),
         ("fp8 scale with 2 values", layer("float8_e4m3fn", weight_scale=torch.ones(2)), "weight_scale"),
-        ("int8 scale that is an integer", layer("int8_tensorwise", weight_scale=torch.ones((), dtype=torch.int32)), "weight_scale"),
-        ("fp8 weight stored as bf16", layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
+        ("int8 scale that is an integer",
+         layer("int8_tensorwise", weight_scale=torch.ones((), dtype=torch.int32)), "weight_scale"),
+        ("fp8 weight stored as bf16",
+         layer("float8_e4m3fn", weight=torch.zeros(32, 256, dtype=torch.bfloat16)), "weight"),
         ("nvfp4 weight for another shape", layer("nvfp4", (64, 256)), "weight"),
         ("convrot on a width its layout cannot hold", layer("int8_tensorwise", (32, 96)), "weight"),
         ("asym_w4a8 without its group scales", layer("asym_w4a8_int8", weight_s_rel=None), "weight_s_rel"),

@@ -1,16 +1,26 @@
-"""Make the pack importable as ``vbar_loaders`` without running its ``__init__``.
-
-The pack's root directory is a ComfyUI custom node (its name may hold a hyphen), so tests
-address its sub-packages through an alias package whose search path is the repository root.
-"""
+"""The tests import the pack as ``vbar_loaders``, installed from this checkout (``pip install -e .``,
+as .ci/run does). Stop at once, saying so, when it is missing or another checkout's."""
+import importlib.util
 import pathlib
 import sys
-import types
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-if "vbar_loaders" not in sys.modules:
-    pkg = types.ModuleType("vbar_loaders")
-    pkg.__path__ = [str(ROOT)]
-    pkg.__file__ = str(ROOT / "__init__.py")
-    sys.modules["vbar_loaders"] = pkg
+
+def installed_root():
+    """The folder ``import vbar_loaders`` would load, or None."""
+    spec = importlib.util.find_spec("vbar_loaders")
+    if spec is None or not spec.origin:
+        return None
+    return pathlib.Path(spec.origin).resolve().parent
+
+
+def pytest_configure(config):
+    found = installed_root()
+    if found != ROOT:
+        where = "finds no package" if found is None else f"loads another checkout, {found}"
+        raise pytest.UsageError(
+            f"`import vbar_loaders` {where}; the tests need this one ({ROOT}). Install it: "
+            f"`{sys.executable} -m pip install -e {ROOT}` (.ci/run does it in its venv).")

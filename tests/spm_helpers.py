@@ -75,8 +75,8 @@ CASES = {
     # T5/UMT5: unigram, NFKC character map, spaces collapsed
     "unigram_nfkc": ("t5", dict(model_type="unigram", normalization_rule_name="nmt_nfkc")),
     # Gemma: BPE, no normalization, no dummy prefix, byte fallback, whitespace kept
-    "bpe_bytes": ("llama", dict(model_type="bpe", normalization_rule_name="identity", byte_fallback=True, vocab_size=600,
-                                add_dummy_prefix=False, remove_extra_whitespaces=False,
+    "bpe_bytes": ("llama", dict(model_type="bpe", normalization_rule_name="identity", byte_fallback=True,
+                                vocab_size=600, add_dummy_prefix=False, remove_extra_whitespaces=False,
                                 pad_id=0, bos_id=2, eos_id=1, unk_id=3)),
     # Llama 2: BPE with the dummy prefix
     "bpe_prefix": ("llama", dict(model_type="bpe", normalization_rule_name="identity",

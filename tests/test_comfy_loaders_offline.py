@@ -50,4 +50,5 @@ def test_triple_and_quadruple_clip_loaders_pass_their_files_in_order(monkeypatch
     paths, kind, _, options = calls[-1]
     assert paths[-1] == "/m/text_encoders/llama.gguf" and len(paths) == 4 and kind == "stable_diffusion"
     assert options == {"load_device": torch.device("cpu"), "offload_device": torch.device("cpu")}
-    assert nodes.NODE_DISPLAY_NAME_MAPPINGS["VBARGGUFQuadrupleCLIPLoader"] == "VBAR GGUF Quadruple CLIP Loader"
+    names = nodes.NODE_DISPLAY_NAME_MAPPINGS
+    assert names["VBARGGUFQuadrupleCLIPLoader"] == "VBAR GGUF Quadruple CLIP Loader"

@@ -1,6 +1,5 @@
 """Real ComfyUI (COMFYUI_PATH): VBAR loaders give byte-identical images to the stock loaders."""
 import copy
-import hashlib
 import json
 import os
 import threading
@@ -9,7 +8,7 @@ import time
 import pytest
 import torch
 
-from comfy_env import add_budget, comfy_paths, ensure_models, start_server
+from comfy_env import add_budget, comfy_paths, ensure_models, image_digest, start_server
 
 pytestmark = pytest.mark.comfyui
 
@@ -67,16 +66,7 @@ def digest(result):
     names differ between the stock and the VBAR workflow."""
     assert result.status == "success", result.errors
     assert len(result.files) == 1
-    with open(result.files[0], "rb") as f:
-        data = f.read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    h, pos = hashlib.sha256(), 8
-    while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        if data[pos + 4:pos + 8] == b"IDAT":
-            h.update(data[pos + 8:pos + 8 + n])
-        pos += 12 + n
-    return h.hexdigest()
+    return image_digest(result.files)
 
 
 def with_lora(wf, model_ref, clip_ref, strength_model=1.0, strength_clip=STRENGTH_CLIP):

@@ -2,7 +2,6 @@
 through stock nodes (UNETLoader, KSampler, the family's latent and VAE), give the same pixels
 twice, and give the same pixels through the pack's VBAR diffusion-model loader at an unlimited
 and a tiny budget. Video families decode a 5-D latent (17 frames) and save every frame."""
-import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import subprocess
 import pytest
 
 import tiny_families as tf
-from comfy_env import add_budget, comfy_paths, start_server
+from comfy_env import add_budget, comfy_paths, image_digest, start_server
 
 pytestmark = pytest.mark.comfyui
 
@@ -47,18 +46,7 @@ def run(srv, wf):
 def digest(result):
     """sha256 over the image data (IDAT chunks) of every saved PNG, in frame order; the PNG's
     text chunk holds the prompt, which names the loader, so it is left out."""
-    h = hashlib.sha256()
-    for path in sorted(result.files):
-        with open(path, "rb") as f:
-            data = f.read()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n", path
-        pos = 8
-        while pos < len(data):
-            n = int.from_bytes(data[pos:pos + 4], "big")
-            if data[pos + 4:pos + 8] == b"IDAT":
-                h.update(data[pos + 8:pos + 8 + n])
-            pos += 12 + n
-    return h.hexdigest()
+    return image_digest(sorted(result.files))
 
 
 def pixel_spread(path):

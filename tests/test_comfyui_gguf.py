@@ -49,7 +49,8 @@ def models(tmp_path_factory):
     for qt in (QT.Q8_0, QT.Q4_K):
         gguf_path = d / "diffusion_models" / f"tiny_flux_{qt.name}.gguf"
         convert_safetensors(os.path.join(base, FLUX), gguf_path, qt, arch="flux")
-        write_reference_safetensors(gguf_path, d / "diffusion_models" / f"tiny_flux_{qt.name}_ref.safetensors")
+        ref = d / "diffusion_models" / f"tiny_flux_{qt.name}_ref.safetensors"
+        write_reference_safetensors(gguf_path, ref)
     sd1 = d / "diffusion_models" / "tiny_sd15_unet_Q8_0.gguf"
     convert_safetensors(os.path.join(base, SD15), sd1, QT.Q8_0, arch="sd1",
                         prefix="model.diffusion_model.", flatten_conv=True)

@@ -16,7 +16,8 @@ from comfy_env import ROOT, comfy_paths, ensure_models
 pytestmark = pytest.mark.comfyui
 
 
-@pytest.mark.parametrize("case", ["errors", "flux_mixed", "flux_native_fp8", "flux_scaled", "sd15_mixed", "sd15_scaled"])
+@pytest.mark.parametrize("case", ["errors", "flux_mixed", "flux_native_fp8", "flux_scaled", "sd15_mixed",
+                                  "sd15_scaled"])
 def test_quantized_files_match_stock(case, tmp_path):
     comfy, harness, python, models = comfy_paths()
     ensure_models(harness, python, models, comfy)

@@ -72,8 +72,10 @@ def test_llama_permutation_is_really_undone(tmp_path):
 
 def test_gemma_names_its_four_norms(tmp_path):
     assert llm_name("gemma2", "blk.4.ffn_norm.weight") == "model.layers.4.pre_feedforward_layernorm.weight"
-    assert llm_name("gemma2", "blk.4.post_attention_norm.weight") == "model.layers.4.post_attention_layernorm.weight"
-    assert llm_name("gemma3", "blk.4.post_ffw_norm.weight") == "model.layers.4.post_feedforward_layernorm.weight"
+    assert llm_name("gemma2", "blk.4.post_attention_norm.weight") \
+        == "model.layers.4.post_attention_layernorm.weight"
+    assert llm_name("gemma3", "blk.4.post_ffw_norm.weight") \
+        == "model.layers.4.post_feedforward_layernorm.weight"
     assert llm_name("llama", "blk.4.ffn_norm.weight") == "model.layers.4.post_attention_layernorm.weight"
     assert llm_name("qwen2vl", "v.blk.0.attn_q.weight") is None    # a vision tower: not ours
     assert llm_name("qwen2", "blk.0.some_new_part.weight") == "blk.0.some_new_part.weight"

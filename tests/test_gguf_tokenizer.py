@@ -45,8 +45,10 @@ def test_protobuf_fields_decode_as_written(tmp_path):
     original = train(**CASES["bpe_bytes"][1])
     path = tmp_path / "t.gguf"
     to_gguf(path, original, "llama")
-    want, got = pb.ModelProto.FromString(original), pb.ModelProto.FromString(sentencepiece_model(GGUFFile(path)))
-    assert [(p.piece, p.score, p.type) for p in got.pieces] == [(p.piece, p.score, p.type) for p in want.pieces]
+    want = pb.ModelProto.FromString(original)
+    got = pb.ModelProto.FromString(sentencepiece_model(GGUFFile(path)))
+    assert [(p.piece, p.score, p.type) for p in got.pieces] \
+        == [(p.piece, p.score, p.type) for p in want.pieces]
     for f in ("model_type", "byte_fallback", "unk_id", "bos_id", "eos_id", "pad_id"):
         assert getattr(got.trainer_spec, f) == getattr(want.trainer_spec, f), f
     for f in ("precompiled_charsmap", "add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces"):

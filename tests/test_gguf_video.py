@@ -3,7 +3,6 @@ kept as a 5-D F32 tensor (its fix_5d_tensors step), read by the pack's reader an
 VBAR Conv3d; and the test writer's per-arch rules (tests/gguf_helpers.write_comfyui_gguf)."""
 import struct
 
-import gguf
 import numpy as np
 import pytest
 import torch

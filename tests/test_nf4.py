@@ -81,7 +81,8 @@ def test_chunking_and_out_buffer():
     for chunk in (64, 192, 1000, 1 << 30):
         assert same_bits(dequantize_nf4(w, torch.bfloat16, chunk=chunk, use_bnb=False), ref)
     out = torch.empty(96, 200, dtype=torch.bfloat16)
-    assert dequantize_nf4(w, torch.bfloat16, device="cpu", out=out, use_bnb=False) is out and same_bits(out, ref)
+    assert dequantize_nf4(w, torch.bfloat16, device="cpu", out=out, use_bnb=False) is out
+    assert same_bits(out, ref)
     with pytest.raises(ValueError):
         dequantize_nf4(w, torch.float16, out=out, use_bnb=False)
 
@@ -110,7 +111,8 @@ def test_quantizer_byte_identical_to_bnb(quant_type, nested):
             assert list(ours) == list(ref)
             for k in ref:
                 assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
-                assert same_bits(ours[k], ref[k]) if ref[k].is_floating_point() else torch.equal(ours[k], ref[k]), k
+                same = same_bits if ref[k].is_floating_point() else torch.equal
+                assert same(ours[k], ref[k]), k
 
 
 def test_nested_absmax_quantizer_matches_bnb_at_rounding_edges():
@@ -134,7 +136,8 @@ def test_quantizer_round_trip_error_as_bnbs():
     err_ours = (bnb_dequant(ours, torch.float32) - x).abs()
     err_bnb = (bnb_dequant(bnb_entries(x, 64, True, "nf4"), torch.float32) - x).abs()
     assert err_ours.max() <= err_bnb.max() and err_ours.mean() <= err_bnb.mean() * 1.0001
-    # And within NF4's own resolution: half the widest code gap (0.152) times the block absmax, plus nested-scale error.
+    # And within NF4's own resolution: half the widest code gap (0.152) times the block absmax,
+    # plus nested-scale error.
     w = parse_quant_state(ours, P, PATH)
     am = x.view(-1, 64).abs().amax(1, keepdim=True)
     assert ((dequantize_nf4(w, torch.float32, use_bnb=False) - x).view(-1, 64) <= am * 0.17).all()
@@ -156,7 +159,8 @@ def test_safetensors_file_round_trip(tmp_path):
             w_lazy = parse_quant_state(lazy, name + ".weight", f)
             entries = {k: v for k, v in loaded.items() if k.startswith(name + ".")}
             ref = bnb_dequant(entries, x.dtype, name)
-            assert same_bits(dequantize_nf4(w, use_bnb=False), ref) and same_bits(dequantize_nf4(w_lazy, use_bnb=False), ref)
+            assert same_bits(dequantize_nf4(w, use_bnb=False), ref)
+            assert same_bits(dequantize_nf4(w_lazy, use_bnb=False), ref)
 
 
 def test_quantize_returns_weight():
@@ -213,8 +217,10 @@ MALFORMED = {
     "not json": (_set(QS, torch.tensor([0xff, 0x7b], dtype=torch.uint8)), QS, "not valid JSON"),
     "no packed": (_pop(W), W, "missing"),
     "no absmax": (_pop(W + ".absmax"), W + ".absmax", "missing"),
-    "absmax length": (lambda e: e.__setitem__(W + ".absmax", e[W + ".absmax"][:-1]), W + ".absmax", "expected 128"),
-    "quant_map size": (lambda e: e.__setitem__(W + ".quant_map", e[W + ".quant_map"][:15]), W + ".quant_map", "16"),
+    "absmax length": (lambda e: e.__setitem__(W + ".absmax", e[W + ".absmax"][:-1]), W + ".absmax",
+                      "expected 128"),
+    "quant_map size": (lambda e: e.__setitem__(W + ".quant_map", e[W + ".quant_map"][:15]),
+                       W + ".quant_map", "16"),
     "nested_absmax length": (_set(W + ".nested_absmax", torch.ones(3)), W + ".nested_absmax", "expected 1"),
     "nested_quant_map size": (_set(W + ".nested_quant_map", torch.ones(255)), W + ".nested_quant_map", "256"),
     "no nested_absmax": (_pop(W + ".nested_absmax"), W + ".nested_absmax", "missing"),
@@ -243,8 +249,7 @@ def test_v2_with_uint8_absmax_is_refused():
 
 
 def test_import_does_not_load_bitsandbytes():
-    code = ("import sys; sys.path.insert(0, 'tests'); import conftest; "
-            "import vbar_loaders.loaders.nf4.codec; assert 'bitsandbytes' not in sys.modules")
+    code = "import sys, vbar_loaders.loaders.nf4.codec; assert 'bitsandbytes' not in sys.modules"
     root = __file__.rsplit("/tests/", 1)[0]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
 

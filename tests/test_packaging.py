@@ -1,6 +1,7 @@
 """The pack as the Comfy Registry, pip and ComfyUI see it: metadata, dependencies, import."""
 import ast
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -16,7 +17,7 @@ except ImportError:  # Python 3.10
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The README's quick start; .ci/run runs TEST_CMD itself, so the three cannot drift apart.
-DEMO_CMD = ("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -r requirements.txt "
+DEMO_CMD = ("python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -r requirements.txt -e . "
             "&& .venv/bin/python demo.py")
 CI_CMD = "bash .ci/run"
 TEST_CMD = "python -m pytest -q tests"
@@ -158,13 +159,16 @@ def _import_module(name, package=None):
     _note(name, 2)
     return _orig_import_module(name, package)
 builtins.__import__, importlib.import_module = _import, _import_module
-# ComfyUI loads a custom node by its folder name, which holds a hyphen here.
+# ComfyUI loads a custom node by its folder name, which holds a hyphen here, then reads its
+# exports (the node classes lazily: that read imports nodes.py).
 spec = importlib.util.spec_from_file_location(
     "vbar-loaders", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
 mod = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = mod
 try:
     spec.loader.exec_module(mod)
+    exports = {k: getattr(mod, k, None)
+               for k in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY")}
 except ModuleNotFoundError as e:
     print(json.dumps({"missing": e.name, "error": repr(e)}))
     sys.exit(0)
@@ -177,9 +181,8 @@ print(json.dumps({
     "cuda_imports_from_pack": [c for c in cuda_imports if c.startswith(root + os.sep)],
     "cuda_initialized": torch.cuda.is_initialized(),
     "init_calls_from_pack": ours,
-    "exports": {k: type(getattr(mod, k, None)).__name__
-                for k in ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY")},
-    "web_directory": getattr(mod, "WEB_DIRECTORY", None),
+    "exports": {k: type(v).__name__ for k, v in exports.items()},
+    "web_directory": exports["WEB_DIRECTORY"],
 }))
 """
 
@@ -218,6 +221,88 @@ def test_root_import_touches_no_gpu():
                               "WEB_DIRECTORY": "str"}, res["exports"]
     # WEB_DIRECTORY may name a folder git does not carry yet (empty): ComfyUI skips a missing one.
     assert res["web_directory"], res["web_directory"]
+
+
+_BARE_IMPORT = r"""
+import json, sys, threading
+before = set(sys.modules)
+import vbar_loaders
+added = set(sys.modules) - before
+new = sorted(m for m in added if m.split(".")[0] != "vbar_loaders")
+print(json.dumps({"file": vbar_loaders.__file__, "pack": sorted(added - set(new)),
+                  "threads": threading.active_count(), "new": new,
+                  "entrypoint": hasattr(vbar_loaders, "comfy_entrypoint"),
+                  "web": vbar_loaders.WEB_DIRECTORY}))
+"""
+
+
+def test_installed_pack_imports_without_comfyui_and_does_nothing():
+    """`import vbar_loaders` (the editable install) is this checkout, and importing it loads no
+    other module of the pack, no torch, no ComfyUI, and starts no thread."""
+    p = subprocess.run([sys.executable, "-c", _BARE_IMPORT], capture_output=True, text=True,
+                       timeout=60, cwd="/")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert pathlib.Path(res["file"]).resolve() == ROOT / "__init__.py"
+    assert res["pack"] == ["vbar_loaders"], res["pack"]
+    assert not any(m.split(".")[0] in COMFYUI_MODULES | {"torch"} for m in res["new"]), res["new"]
+    assert res["threads"] == 1
+    assert res["entrypoint"] is False      # ComfyUI probes it when NODE_CLASS_MAPPINGS is absent
+    assert res["web"] == "./web" and (ROOT / "web").is_dir()
+
+
+_COMFY_LOADS = r"""
+import importlib.util, logging, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location("pack_under_test", root + "/__init__.py",
+                                              submodule_search_locations=[root])
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod
+spec.loader.exec_module(mod)
+# As ComfyUI's load_custom_node (0.3.40 to 0.33) reads them: hasattr(), then getattr().
+try:
+    if hasattr(mod, "NODE_CLASS_MAPPINGS") and mod.NODE_CLASS_MAPPINGS is not None:
+        print("NODES", sorted(mod.NODE_CLASS_MAPPINGS), sorted(mod.NODE_DISPLAY_NAME_MAPPINGS))
+    else:
+        print("SKIPPED: no NODE_CLASS_MAPPINGS")
+except Exception as e:
+    print("CANNOT IMPORT:", type(e).__name__, e)
+"""
+
+
+@pytest.mark.parametrize("nodes_py, want", [
+    ("NODE_CLASS_MAPPINGS = {'A': int}\nNODE_DISPLAY_NAME_MAPPINGS = {'A': 'a'}\n",
+     "NODES ['A'] ['A']"),
+    ("import os\nos.no_such_function()\n",
+     "CANNOT IMPORT: ImportError vbar-loaders: importing nodes.py failed: AttributeError("),
+    ("import no_such_module_anywhere\n", "CANNOT IMPORT: ModuleNotFoundError"),
+], ids=["ok", "attribute-error", "missing-module"])
+def test_node_exports_are_lazy_and_an_error_in_nodes_py_reaches_comfyui(tmp_path, nodes_py, want):
+    """The root __init__ with a stand-in nodes.py: ComfyUI gets the node mappings, and an error
+    while importing nodes.py reaches its "Cannot import" message; hasattr() would swallow a bare
+    AttributeError and report the pack as having no nodes."""
+    (tmp_path / "__init__.py").write_text((ROOT / "__init__.py").read_text())
+    (tmp_path / "routes.py").write_text("def register():\n    return False\n")
+    (tmp_path / "nodes.py").write_text(nodes_py)
+    p = subprocess.run([sys.executable, "-c", _COMFY_LOADS, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(want), p.stdout
+
+
+def test_setuptools_packages_name_every_package_folder(pyproject):
+    """`pip install -e .` maps vbar_loaders to the root; a sub-package left out of the list
+    would be missing from a wheel."""
+    st = pyproject["tool"]["setuptools"]
+    assert st["package-dir"] == {"vbar_loaders": "."}
+    skip = {"tests", "benchmarks", "workflows", "docs", "web", "build", "__pycache__"}
+    folders = []
+    for here, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".") and "egg" not in d]
+        if "__init__.py" in files:
+            folders.append(".".join(("vbar_loaders",) + pathlib.Path(here).relative_to(ROOT).parts))
+    assert sorted(st["packages"]) == sorted(folders)
+    assert pyproject["build-system"]["build-backend"] == "setuptools.build_meta"
 
 
 # --- the Comfy Registry's rules ---------------------------------------------------------------

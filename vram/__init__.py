@@ -13,7 +13,7 @@ from .vbar import OFFLOADED, VBAR, Fault, Slot
 
 __all__ = ["Pool", "VBAR", "Slot", "Fault", "OFFLOADED", "VramError", "BadCall", "ClosedError",
            "BackendError", "PhysicalOOM", "BudgetExceeded", "WrongVBAR", "NotPinned", "NotHeld",
-           "AlreadyHeld", "make_backend", "get_pool", "pools", "reset_pools", "parse_bytes"]
+           "AlreadyHeld", "make_backend", "get_pool", "pools", "parse_bytes"]
 
 log = logging.getLogger("vbar")
 _pools = {}
@@ -60,8 +60,8 @@ def get_pool(device="cpu", budget=None, headroom=None):
     8 GiB (host: a simulated card); the headroom is ``headroom``, else ``VBAR_HEADROOM``, else 0.
     Later calls return that pool, changing its budget only when given one.
     Returns None if the device's backend is unavailable (the caller streams everything). That
-    is decided once per device: the reason is logged the first time, and later calls return
-    None at once (``reset_pools`` forgets it).
+    is decided once per device and process: the reason is logged the first time, and later
+    calls return None at once.
     """
     key = str(device)
     with _pools_lock:
@@ -97,12 +97,3 @@ def pools():
     says so."""
     with _pools_lock:
         return dict(_pools)
-
-
-def reset_pools():
-    """Close every pool and forget backends that failed to start (tests, shutdown)."""
-    with _pools_lock:
-        for pool in _pools.values():
-            pool.close()
-        _pools.clear()
-        _failed.clear()

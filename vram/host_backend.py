@@ -1,7 +1,8 @@
 """Host memory as a stand-in for VRAM: same rules, and touching an unmapped page really crashes.
 
-Reservation is an anonymous ``mmap`` with ``PROT_NONE`` and ``MAP_NORESERVE``: address space only. Mapping a page makes it
-read-write and pre-faults it so the physical cost is paid at map time, as ``cuMemCreate`` does.
+Reservation is an anonymous ``mmap`` with ``PROT_NONE`` and ``MAP_NORESERVE``: address space only.
+Mapping a page makes it read-write and pre-faults it so the physical cost is paid at map time, as
+``cuMemCreate`` does.
 Unmapping drops the physical pages (``MADV_DONTNEED``) and makes the range inaccessible again, so
 the next mapping reads back zeros: stale contents can only be trusted through signatures.
 """

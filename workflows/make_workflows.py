@@ -93,7 +93,8 @@ def flux(model_node, text_encoders=None):
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": POSITIVE}},
         "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
         "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}},
-        "6": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
+        "6": {"class_type": "EmptySD3LatentImage",
+              "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
             "seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",

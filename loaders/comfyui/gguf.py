@@ -1,7 +1,7 @@
 """GGUF diffusion models and text encoders as VBAR-backed ComfyUI objects.
 
-The VBAR slots hold the *quantized* bytes (4-8x smaller than bf16, so far more of a model stays
-resident); each use dequantizes on the compute device into a temporary. ComfyUI detects and
+The VBAR slots hold the *quantized* bytes (2-6x fewer than bf16, from Q8_0 to Q2_K, so far more
+of a model stays resident); each use dequantizes on the compute device into a temporary. ComfyUI detects and
 builds the model from GGUFWeight tensors, which report logical shapes, and our operations adopt
 them without copying. Imports ComfyUI only inside functions.
 """
@@ -218,7 +218,7 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
     import comfy.model_management as mm
     import comfy.sd
 
-    from .loading import _check_supported, comfy_build, open_checked, wrap_clip
+    from .loading import check_supported, comfy_build, open_checked, wrap_clip
     from .ops import vbar_operations
     from .progress import load_progress
     from ..runtime.progress import parameters
@@ -235,7 +235,7 @@ def load_text_encoders(paths, clip_type="stable_diffusion", embedding_directory=
                 no_vision.append(str(p))
         else:
             sd, _, check = open_checked(p)
-            _check_supported(sd, p)
+            check_supported(sd, p)
             checks.append(check)
             sds.append(sd)
     steps = load_progress(progress, sum(parameters(sd.values()) for sd in sds))

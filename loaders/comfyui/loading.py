@@ -98,7 +98,16 @@ def prefetch_depth():
     return max(0, depth)
 
 
-def _check_supported(sd, path, metadata=None):
+def unet_prefix(sd):
+    """The diffusion model's key prefix in ``sd`` as ComfyUI strips it ("" when keys lack it)."""
+    import comfy.model_detection
+
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    # ComfyUI strips it only if keys carry it (diffusion-model files usually have none).
+    return prefix if any(k.startswith(prefix) for k in sd) else ""
+
+
+def check_supported(sd, path, metadata=None):
     """For loaders that take no quantized safetensors layers (text encoders, NF4 files)."""
     from ..quant.comfy_quant import METADATA_KEY, QUANT_SUFFIX
 
@@ -113,9 +122,8 @@ def _check_supported(sd, path, metadata=None):
 def _quantized(sd, path, metadata):
     """(state dict for ComfyUI, quant.Prepared) for a file's quantized diffusion-model layers."""
     from . import quant
-    from .nf4 import _unet_prefix
 
-    prefix = _unet_prefix(sd) if sd else ""
+    prefix = unet_prefix(sd) if sd else ""
     prep = quant.prepare(sd, path, metadata, model_prefix=prefix)
     prep.prefix = prefix          # ComfyUI pops the model's keys from the dict as it loads
     if prep:
@@ -136,7 +144,7 @@ def _attach_quantized(patcher, prep):
         quant.attach_scaled_fp8(patcher.model.diffusion_model, prep, prefix)
 
 
-def _is_adopting(m):
+def is_adopting(m):
     from .ops import AdoptingOp
 
     return isinstance(m, AdoptingOp)
@@ -148,7 +156,7 @@ def _convert_kept(module):
     import torch
 
     for m in module.modules():
-        if not _is_adopting(m) or getattr(m, "_vbar_handles", None):
+        if not is_adopting(m) or getattr(m, "_vbar_handles", None):
             continue
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_floating_point() and p.dtype != m.vbar_store_dtype:
@@ -163,11 +171,11 @@ def wrap_model(patcher, name, source_check=None):
     from ..runtime.weight_store import WeightStore
 
     diffusion = patcher.model.diffusion_model
-    if not any(_is_adopting(m) for m in diffusion.modules()):
+    if not any(is_adopting(m) for m in diffusion.modules()):
         raise RuntimeError(f"{name}: ComfyUI built this model without VBAR operations "
                            f"(unrecognised checkpoint?)")
     store = WeightStore(name, _pool_for(patcher.load_device), source_check=source_check)
-    vbarize(diffusion, store, include=lambda n, m: _is_adopting(m))
+    vbarize(diffusion, store, include=lambda n, m: is_adopting(m))
     _convert_kept(diffusion)
     store.enable_prefetch(prefetch_depth())
     return adopt(patcher, store)
@@ -193,7 +201,7 @@ def wrap_clip(clip, name, source_check=None):
             except Exception:  # noqa: BLE001 - encoders without the hook just skip it
                 pass
     store = WeightStore(name, _pool_for(clip.patcher.load_device), source_check=source_check)
-    vbarize(model, store, include=lambda n, m: _is_adopting(m) and id(m) not in keep)
+    vbarize(model, store, include=lambda n, m: is_adopting(m) and id(m) not in keep)
     _convert_kept(model)
     adopt(clip.patcher, store)
     return clip
@@ -215,22 +223,15 @@ def wrap_vae(vae, name, source_check=None):
     return vae
 
 
-def load_checkpoint(path, embedding_directory=None, progress=None):
-    """MODEL, CLIP, VAE from a checkpoint, all three VBAR-backed.
-
-    ``progress(done, total)``: in tensor elements, as ComfyUI loads them (default: ComfyUI's
-    progress bar, stopping on an interrupt; see progress.py). An interrupt stops the load
-    before any VBAR is made."""
+def build_checkpoint(sd, path, metadata, embedding_directory, hint, steps=None):
+    """(model, clip, vae) from ComfyUI's checkpoint loader with VBAR operations for the diffusion
+    model and the text encoders; ``hint``: what to do when ComfyUI does not recognise the file;
+    ``steps``: a load_progress counter fed as ComfyUI loads each module (see progress.py)."""
     import comfy.model_management as mm
     import comfy.sd
 
     from .ops import vbar_operations
-    from .progress import load_progress
-    from ..runtime.progress import parameters
 
-    sd, metadata, check = open_checked(path)
-    sd, prep = _quantized(sd, path, metadata)
-    steps = load_progress(progress, parameters(sd.values()))
     ops = vbar_operations()
     te_options = {"custom_operations": ops,
                   "initial_device": mm.text_encoder_offload_device()}
@@ -239,18 +240,39 @@ def load_checkpoint(path, embedding_directory=None, progress=None):
         embedding_directory=embedding_directory, model_options={"custom_operations": ops},
         te_model_options=te_options, metadata=metadata, steps=steps)
     if out is None:
-        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
-                             "Use the VBAR Diffusion Model Loader for diffusion-model-only files")
-    model, clip, vae = out[:3]
+        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint", hint)
+    return out[:3]
+
+
+def wrap_clip_vae(clip, vae, base, check):
+    """A checkpoint's text encoders and VAE behind their VBARs (either may be absent)."""
+    if clip is not None:
+        wrap_clip(clip, base + ":clip", source_check=check)
+    if vae is not None and getattr(vae, "first_stage_model", None) is not None:
+        wrap_vae(vae, base + ":vae")
+
+
+def load_checkpoint(path, embedding_directory=None, progress=None):
+    """MODEL, CLIP, VAE from a checkpoint, all three VBAR-backed.
+
+    ``progress(done, total)``: in tensor elements, as ComfyUI loads them (default: ComfyUI's
+    progress bar, stopping on an interrupt; see progress.py). An interrupt stops the load
+    before any VBAR is made."""
+    from .progress import load_progress
+    from ..runtime.progress import parameters
+
+    sd, metadata, check = open_checked(path)
+    sd, prep = _quantized(sd, path, metadata)
+    steps = load_progress(progress, parameters(sd.values()))
+    model, clip, vae = build_checkpoint(
+        sd, path, metadata, embedding_directory,
+        "Use the VBAR Diffusion Model Loader for diffusion-model-only files", steps=steps)
     steps.finish()      # the last point an interrupt stops the load: nothing reserved yet
     base = os.path.basename(str(path))
     if model is not None:
         _attach_quantized(model, prep)
         wrap_model(model, base, source_check=check)
-    if clip is not None:
-        wrap_clip(clip, base + ":clip", source_check=check)
-    if vae is not None and getattr(vae, "first_stage_model", None) is not None:
-        wrap_vae(vae, base + ":vae")
+    wrap_clip_vae(clip, vae, base, check)
     return model, clip, vae
 
 

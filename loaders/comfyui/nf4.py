@@ -1,11 +1,11 @@
 """NF4 checkpoints and diffusion models in ComfyUI, with Flux block pinning.
 
 ComfyUI detects and builds the model from the *logical* state dict (4-bit weights replaced by
-meta tensors of their real shape: see nf4_model), with our adopting operations; the Linear
+meta tensors of their real shape: see loaders/nf4/model.py), with our adopting operations; the Linear
 layers are then pointed at their packed bytes, the first N double / M single blocks marked
 to be held resident, and ``wrap_model`` puts everything behind the VBAR.
 
-Pins then follow the model's life in ComfyUI: see comfy_pins.
+Pins then follow the model's life in ComfyUI: see pins.py.
 """
 import logging
 import os
@@ -17,23 +17,15 @@ from ..runtime.blocks import check_pins, pin_blocks
 log = logging.getLogger("vbar")
 
 
-def _unet_prefix(sd):
-    import comfy.model_detection
-
-    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
-    # ComfyUI strips it only if keys carry it (diffusion-model files usually have none).
-    return prefix if any(k.startswith(prefix) for k in sd) else ""
-
-
 def _open(path, double, single, first=0):
-    from .loading import _check_supported, open_checked
+    from .loading import check_supported, open_checked, unet_prefix
     from ..nf4.model import split_nf4_state_dict
 
     sd, metadata, check = open_checked(path)
-    _check_supported(sd, path)
+    check_supported(sd, path)
     logical, weights = split_nf4_state_dict(sd, path)
     check_pins(logical, double, single, first, what=os.path.basename(str(path)))
-    prefix = _unet_prefix(logical)
+    prefix = unet_prefix(logical)
     outside = [p for p in weights if not p.startswith(prefix)]
     if outside:
         raise NF4Error(path, "4-bit weight outside the diffusion model (text encoder or VAE): VBAR "
@@ -62,7 +54,7 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
     pins, so an interrupt leaves that previous model as it was and nothing half-built."""
     import comfy.model_management as mm
 
-    from .loading import _is_adopting, wrap_model
+    from .loading import is_adopting, wrap_model
     from .progress import comfy_progress
     from ..nf4.model import attach_nf4, quantize_linears
 
@@ -72,7 +64,7 @@ def _finish_model(patcher, path, weights, prefix, double, single, quantize_on_lo
         attach_nf4(diffusion, weights, path, prefix)
     elif quantize_on_load:
         device = patcher.load_device if patcher.load_device.type == "cuda" else None
-        q = quantize_linears(diffusion, include=lambda n, m: _is_adopting(m), device=device,
+        q = quantize_linears(diffusion, include=lambda n, m: is_adopting(m), device=device,
                              progress=progress or comfy_progress())
         attach_nf4(diffusion, q, path)
         log.info("%s: %d Linear weights quantized to NF4 on load", name, len(q))
@@ -121,38 +113,24 @@ def load_nf4_checkpoint(path, double_blocks=0, single_blocks=0, embedding_direct
     progress bar, stopping on an interrupt; see progress.py). An interrupt stops the load
     before any VBAR is made and before ``owner``'s previous load gives up its pins."""
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.sd
 
-    from .loading import comfy_build, wrap_clip, wrap_vae
-    from .ops import vbar_operations
+    from .loading import build_checkpoint, wrap_clip_vae
     from .progress import load_progress
     from ..runtime.progress import parameters
 
     logical, weights, prefix, metadata, check = _open(path, double_blocks, single_blocks)
     # ComfyUI falls back to a diffusion-model load without our operations when detection fails,
     # which cannot hold 4-bit weights: refuse first.
+    hint = "Use the VBAR NF4 Diffusion Model Loader for diffusion-model-only files"
     if comfy.model_detection.model_config_from_unet(logical, prefix, metadata=metadata) is None:
-        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint",
-                             "Use the VBAR NF4 Diffusion Model Loader for diffusion-model-only files")
-    ops = vbar_operations()
+        raise ModelFileError(path, "ComfyUI does not recognise this file as a checkpoint", hint)
     steps = load_progress(progress, parameters(logical.values()))
     try:
-        out = comfy_build(
-            comfy.sd.load_state_dict_guess_config,
-            logical, output_vae=True, output_clip=True, embedding_directory=embedding_directory,
-            model_options={"custom_operations": ops},
-            te_model_options={"custom_operations": ops,
-                              "initial_device": mm.text_encoder_offload_device()},
-            metadata=metadata, steps=steps)
+        model, clip, vae = build_checkpoint(logical, path, metadata, embedding_directory, hint,
+                                            steps=steps)
     except RuntimeError as e:
         raise _size_mismatch(path, e) from e
-    model, clip, vae = out[:3]
     steps.finish()      # the last point an interrupt stops the load: nothing reserved yet
-    base = os.path.basename(str(path))
     _finish_model(model, path, weights, prefix, double_blocks, single_blocks, False, check, owner)
-    if clip is not None:
-        wrap_clip(clip, base + ":clip", source_check=check)
-    if vae is not None and getattr(vae, "first_stage_model", None) is not None:
-        wrap_vae(vae, base + ":vae")
+    wrap_clip_vae(clip, vae, os.path.basename(str(path)), check)
     return model, clip, vae

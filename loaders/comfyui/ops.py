@@ -47,10 +47,10 @@ class AdoptingOp:
     def __init__(self, *args, **kwargs):
         # The dtype ComfyUI asks for is what it would convert the weights to at load: the device
         # copy will hold that dtype, so results match ComfyUI's own ops bit for bit.
-        self.vbar_store_dtype_init = kwargs.get("dtype")
+        dtype = kwargs.get("dtype")
         kwargs["device"] = "meta"
         super().__init__(*args, **kwargs)
-        self.vbar_store_dtype = self.vbar_store_dtype_init or torch.get_default_dtype()
+        self.vbar_store_dtype = dtype or torch.get_default_dtype()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

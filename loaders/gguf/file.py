@@ -2,10 +2,10 @@
 
 The header is walked once by ``_scan`` with every count, length and offset checked against the
 file's size; it records where each metadata value and tensor lies, and ``field()`` decodes a
-value from there on request. (``gguf.GGUFReader`` was used before: it trusts the file, so a huge
-array length makes it loop for hours, and it builds a numpy view per array element, which took
-10 s to open a UMT5 text encoder for its 256k-token vocabulary. The gguf package still supplies
-the quantization types and block sizes.)
+value from there on request. Not ``gguf.GGUFReader``: it trusts the file (a huge array length
+makes it loop for hours) and builds a numpy view per array element (seconds for a UMT5 text
+encoder's 256k-token vocabulary). The gguf package supplies the quantization types and block
+sizes.
 
 Tensor data stays in one private (copy-on-write) memory map of the file: quantized tensors come
 back as uint8 views of their packed blocks, float and integer tensors as typed views. Shapes are

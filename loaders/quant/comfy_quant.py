@@ -54,7 +54,8 @@ def encode_conf(conf):
 
 def _decode_conf(t, path, key):
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        what = f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        what = (f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor)
+                else type(t).__name__)
         raise QuantError(path, f"comfy_quant entry is a {what}; ComfyUI writes a 1-D uint8 tensor "
                          f"of JSON text", "The file is damaged or was written by an unknown tool",
                          tensor=key)

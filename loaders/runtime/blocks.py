@@ -1,12 +1,12 @@
 """Block pinning: keep a diffusion model's first blocks resident, the rest fault.
 
-Two ways to choose them: Flux's first N double / M single blocks (the inputs the popular Flux
-nodes have), or, for every family with repeated blocks, the first N of the model's blocks in
-forward order (``first``), where what a block is comes from one table (``BLOCK_LISTS``).
+Two ways to choose them: Flux's first N double / M single blocks (the nodes'
+``double_blocks_cuda_size`` / ``single_blocks_cuda_size``), or, for every family with repeated
+blocks, the first N of the model's blocks in forward order (``first``), where what a block is
+comes from one table (``BLOCK_LISTS``).
 
-The popular node this replaces moves whole blocks with blocking copies every step; here a
-pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
-evicted) and every other layer faults within the budget. What a block is, how many a file
+A pinned block's weights are VBAR slots held for the model's lifetime (allocated first, never
+evicted, no copy per step) and every other layer faults within the budget. What a block is, how many a file
 has, which layers to hold, and holding/releasing a store's pins; when to do so over a model's
 life in ComfyUI is comfyui/pins.py's business.
 """
@@ -200,10 +200,5 @@ def restore_pins(store):
             if not h.slot.held:      # ComfyUI loads a model that is loaded already: keep its hold
                 v.hold(h.slot)
     except Exception as e:
-        from ...vram import BudgetExceeded
-
         release_pins(store, free=False)
-        raise BudgetExceeded(
-            f"{store.name}: the pinned blocks need {sum(h.nbytes for h in held) / 2**20:.0f} MiB "
-            f"resident but the VRAM budget is {store.pool.budget() / 2**20:.0f} MiB ({e}). Pin "
-            f"fewer blocks or raise the budget") from e
+        raise store.pins_do_not_fit(e) from e

@@ -102,22 +102,26 @@ class WeightStore:
         self.vbar = self.pool.create_vbar(self.name, total + (1 << 20), page_size=self.page_size)
         for h in big:
             h.slot = self.vbar.alloc(h.nbytes, name=h.key)
-        need = sum(h.nbytes for h in held)
         try:
             for h in held:
                 self.vbar.hold(h.slot)
         except Exception as e:
             self.close()
-            from ...vram import BudgetExceeded
-
-            raise BudgetExceeded(
-                f"{self.name}: the pinned blocks need {need / 2**20:.0f} MiB resident but the VRAM "
-                f"budget is {self.pool.budget() / 2**20:.0f} MiB ({e}). Pin fewer blocks or raise "
-                f"the budget") from e
+            raise self.pins_do_not_fit(e) from e
         return self
 
     def held_bytes(self):
         return sum(h.nbytes for h in self.handles if h.held)
+
+    def pins_do_not_fit(self, error):
+        """The vram.BudgetExceeded to raise when the held weights cannot all be resident (at
+        build, or when runtime/blocks.py restores the pins), naming the MiB."""
+        from ...vram import BudgetExceeded
+
+        return BudgetExceeded(
+            f"{self.name}: the pinned blocks need {self.held_bytes() / 2**20:.0f} MiB resident but "
+            f"the VRAM budget is {self.pool.budget() / 2**20:.0f} MiB ({error}). Pin fewer blocks "
+            f"or raise the budget")
 
     # --- the hot path ---------------------------------------------------------------------
     def use(self, h, device, dtype, patches=None, patch_key=None):
