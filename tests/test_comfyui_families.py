@@ -2,10 +2,6 @@
 through stock nodes (UNETLoader, KSampler, the family's latent and VAE), give the same pixels
 twice, and give the same pixels through the pack's VBAR diffusion-model loader at an unlimited
 and a tiny budget. Video families decode a 5-D latent (17 frames) and save every frame."""
-import json
-import os
-import subprocess
-
 import pytest
 
 import tiny_families as tf
@@ -29,12 +25,7 @@ def comfy():
 
 def write_models(comfy, python, models):
     """Writes the families this ComfyUI knows (skips files already there); returns their files."""
-    env = dict(os.environ, COMFYUI_DIR=comfy)
-    out = subprocess.run([python, os.path.join(os.path.dirname(tf.__file__), "tiny_families.py"),
-                          "--out-dir", models], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = [x for x in out.stdout.splitlines() if x.startswith("FILES ")][-1]
-    return json.loads(line[len("FILES "):])
+    return tf.run_writer(python, comfy, models)
 
 
 def run(srv, wf):

@@ -13,7 +13,10 @@ How a model is made (no weights are downloaded, no ComfyUI code is copied):
   4. Before writing, the filled state dict goes through ComfyUI's UNETLoader path
      (``comfy.sd.load_diffusion_model_state_dict``): it must detect the expected class, and the
      model ComfyUI builds must hold exactly the keys and shapes of the file.
-VAEs are built from ComfyUI's VAE classes on the meta device and checked by ``comfy.sd.VAE``.
+VAEs are built from ComfyUI's VAE classes on the meta device, written, and checked by loading
+the file through the installed ComfyUI's own ``VAELoader`` node, as workflows load it (ComfyUI
+0.3.64's drops the file's metadata, 0.33.0's passes it on). Where that node refuses the tiny VAE,
+the VAE's ``fallback`` (the size that ComfyUI fixes) is written instead.
 
 Each family keeps one block of each repeated kind (detection would accept 0, which would leave
 nothing to stream or pin). ``--blocks N`` writes N blocks (file name gets ``_bN``).
@@ -27,7 +30,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -287,6 +292,16 @@ def _ltxv_vae():
     return VideoVAE(config=LTXV_VAE_CONFIG)
 
 
+def _ltxv_vae_guessed():
+    """The LTXV VAE comfy.sd.VAE builds for a file without "config" metadata: it reads only the
+    rows of decoder.up_blocks.0.res_blocks.0.conv1 (512: version 0, 1024: versions 1 and 2)
+    and takes VideoVAE's built-in config for that version. Version 0 is the smallest (~420 M
+    params); no smaller LTXV VAE loads without metadata."""
+    from comfy.ldm.lightricks.vae.causal_video_autoencoder import VideoVAE
+
+    return VideoVAE(version=0)
+
+
 VAES = {v.name: v for v in [
     Vae("wan21_vae", _wan21_vae, "fp32", 16, fallback="wan21_vae_dim96",
         note="Wan 2.1 VAE (3-D causal convs), dim 8 (real: 96); needs a ComfyUI that reads dim"),
@@ -297,7 +312,12 @@ VAES = {v.name: v for v in [
     Vae("hunyuan_video_vae", _hunyuan_video_vae, "bf16", 16,
         note="3-D KL VAE; ch 128, ch_mult [1,2,4,4] fixed by comfy.sd.VAE"),
     Vae("ltxv_vae", _ltxv_vae, "fp32", 128, metadata=lambda: {"config": json.dumps({"vae": LTXV_VAE_CONFIG})},
-        note="LTXV causal video VAE; size from the file's config metadata (as real LTXV files carry)"),
+        fallback="ltxv_vae_v0",
+        note="LTXV causal video VAE; size from the file's config metadata (as real LTXV files carry); "
+             "needs a VAELoader that passes the metadata on"),
+    Vae("ltxv_vae_v0", _ltxv_vae_guessed, "bf16", 128,
+        note="LTXV VAE version 0 at its real size, no metadata: for VAELoaders that drop the "
+             "metadata (0.3.64), which build the LTXV VAE from the tensor shapes alone"),
 ]}
 
 
@@ -369,15 +389,19 @@ def build_vae(vae):
         return vae.build()
 
 
-def verify_vae(vae, sd):
-    import comfy.sd
+def verify_vae(vae, path, shapes):
+    """Loads the file at ``path`` with the installed ComfyUI's VAELoader node, which is how the
+    workflows load it (with or without the file's metadata, as that version does). Raises unless
+    it builds a VAE of ``vae.latent_channels`` holding exactly ``shapes``; returns its class."""
+    import folder_paths
+    import nodes
 
-    meta = vae.metadata() if vae.metadata else None
-    loaded = comfy.sd.VAE(sd=dict(sd), metadata=meta)
+    folder_paths.add_model_folder_path("vae", os.path.dirname(path))
+    loaded = nodes.VAELoader().load_vae(os.path.basename(path))[0]
     if loaded.first_stage_model is None or loaded.latent_channels != vae.latent_channels:
-        raise AssertionError(f"{vae.name}: comfy.sd.VAE built {type(loaded.first_stage_model).__name__} "
+        raise AssertionError(f"{vae.name}: VAELoader built {type(loaded.first_stage_model).__name__} "
                              f"with {getattr(loaded, 'latent_channels', None)} latent channels")
-    _mismatch(_shapes(sd), _shapes(loaded.first_stage_model.state_dict()), vae.name)
+    _mismatch(shapes, _shapes(loaded.first_stage_model.state_dict()), vae.name)
     return type(loaded.first_stage_model).__name__
 
 
@@ -489,25 +513,43 @@ def write_family(name, out_dir, blocks=1, force=False, log=print):
 
 
 def write_vae(name, out_dir, force=False):
-    """Writes VAES[name] (or its fallback where this ComfyUI refuses it); returns (file name, report)."""
+    """Writes VAES[name], or its fallback where this ComfyUI's VAELoader refuses it (checked on
+    the file itself); returns (file name, report)."""
     vae = VAES[name]
     t0 = time.time()
-    module, sd, built = build_vae(vae), None, None
-    if vae.fallback:        # which variant this ComfyUI takes decides the file
-        sd = random_state_dict(module, _dtype(vae.dtype))
-        try:
-            built = verify_vae(vae, sd)
-        except Exception:   # comfy.sd.VAE refused the shapes: a ComfyUI that fixes them
-            return write_vae(vae.fallback, out_dir, force)
+    os.makedirs(out_dir, exist_ok=True)
+    module = build_vae(vae)
+    shapes = file_shapes(module)
     meta = vae.metadata() if vae.metadata else {"vbar_tests": f"tiny_{name} seed={SEED}"}
-    fname = file_name(name, layout_tag(file_shapes(module), vae.dtype, meta))
+    fname = file_name(name, layout_tag(shapes, vae.dtype, meta))
     path = os.path.join(out_dir, "vae", fname)
+
+    def refused(err):       # a ComfyUI that fixes what this VAE varies: write the fallback
+        fallback, report = write_vae(vae.fallback, out_dir, force)
+        return fallback, {name: {"refused_by_vae_loader": str(err)[:300]}, **report}
+
     if not force and os.path.isfile(path):
-        return fname, {}
-    if sd is None:
-        sd = random_state_dict(module, _dtype(vae.dtype))
-        built = verify_vae(vae, sd)
-    size = _save(sd, path, meta)
+        if not vae.fallback:
+            return fname, {}
+        try:    # written by a ComfyUI that takes it (the models folder may be shared)
+            verify_vae(vae, path, shapes)
+            return fname, {}
+        except Exception as e:
+            return refused(e)
+    sd = random_state_dict(module, _dtype(vae.dtype))
+    check = tempfile.mkdtemp(prefix=".vae_check-", dir=out_dir)   # beside vae/, not listed in it
+    try:
+        size = _save(sd, os.path.join(check, fname), meta)
+        try:
+            built = verify_vae(vae, os.path.join(check, fname), shapes)
+        except Exception as e:
+            if not vae.fallback:
+                raise
+            return refused(e)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.replace(os.path.join(check, fname), path)
+    finally:
+        shutil.rmtree(check, ignore_errors=True)
     return fname, {name: {"file": path, "model": built, "bytes": size,
                          "params": sum(t.numel() for t in sd.values()), "seconds": round(time.time() - t0, 1)}}
 
@@ -525,6 +567,25 @@ def _detects(family):
         return True
     except Exception:
         return False
+
+
+def run_writer(python, comfy_dir, out_dir, only=(), blocks=1, timeout=900):
+    """Runs this file with a ComfyUI venv's ``python`` (it imports that ComfyUI, so it cannot run
+    in the caller's process) and returns the FILES it prints: {family: {"unet": ..., "vae": ...}}
+    for ``only`` (default: every family this ComfyUI knows), written under ``out_dir`` or
+    already there."""
+    import subprocess
+
+    cmd = [python, os.path.abspath(__file__), "--out-dir", out_dir, "--blocks", str(blocks)]
+    if only:
+        cmd += ["--only", ",".join(only)]
+    out = subprocess.run(cmd, env=dict(os.environ, COMFYUI_DIR=comfy_dir), capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n"
+                           f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    line = [x for x in out.stdout.splitlines() if x.startswith("FILES ")][-1]
+    return json.loads(line[len("FILES "):])
 
 
 def main(argv=None):
@@ -556,8 +617,9 @@ def main(argv=None):
         files[name], written = write_family(name, os.path.abspath(a.out_dir), a.blocks, a.force)
         report.update(written)
     if a.sha256:
-        for k, v in report.items():
-            print(f"sha256 {os.path.basename(v['file'])} {_sha(v['file'])}")
+        for v in report.values():
+            if "file" in v:     # not a VAE the VAELoader refused (its fallback was written)
+                print(f"sha256 {os.path.basename(v['file'])} {_sha(v['file'])}")
     # last line: which files the workflows of this ComfyUI use (tests read it)
     print("FILES " + json.dumps(files))
     return 0
