@@ -8,9 +8,9 @@ faults), then ``--runs`` timed ones. The time is the KSampler node's wall second
 measures them (websocket 'executing' events). Printed: median seconds and pack / ComfyUI-GGUF;
 the goal is 0.5 or lower.
 
-Models: the harness's tiny Flux as a Q8_0 GGUF, and a tiny Wan 2.1 (tests/tiny_wan.py) as a
-Q8_0 GGUF laid out as ComfyUI-GGUF writes Wan (5-D F32 patch embedding); both written with
-tests/gguf_helpers.write_comfyui_gguf into a scratch models folder.
+Models: the harness's tiny Flux as a Q8_0 GGUF, and the tiny Wan 2.1 of tests/tiny_families.py
+(2 blocks) as a Q8_0 GGUF laid out as ComfyUI-GGUF writes Wan (5-D F32 patch embedding); both
+written with tests/gguf_helpers.write_comfyui_gguf into a scratch models folder.
 ``--floor`` adds a third pipeline: ComfyUI's stock UNETLoader on the GGUF's weights decoded
 to float32 safetensors, i.e. the same model with no dequantization at all. On a CPU, where
 both loaders keep every weight in the one memory and dequantize per use, that is the floor
@@ -30,7 +30,6 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -59,11 +58,12 @@ def write_models(models, comfy, python, base, families, floor=False):
     out = {}
     dm = pathlib.Path(models, "diffusion_models")
     dm.mkdir(parents=True, exist_ok=True)
-    if "wan" in families:
-        subprocess.run([python, str(TESTS / "tiny_wan.py"), str(models)], check=True, timeout=600,
-                       env=dict(os.environ, COMFYUI_DIR=comfy))
+    if "wan" in families:   # the safetensors is kept in ``base`` (written once per layout)
+        import tiny_families
+
+        unet = tiny_families.run_writer(python, comfy, base, only=["wan21"], blocks=2)["wan21"]["unet"]
         write_comfyui_gguf(dm / "bench_wan21_Q8_0.gguf",
-                           load_file(str(dm / "tiny_wan21.safetensors")), QT.Q8_0)
+                           load_file(os.path.join(base, "diffusion_models", unet)), QT.Q8_0)
         out["wan"] = "bench_wan21_Q8_0.gguf"
     if "flux" in families:
         write_comfyui_gguf(dm / "bench_flux_Q8_0.gguf",
