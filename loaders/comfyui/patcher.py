@@ -30,7 +30,7 @@ def patcher_class():
 
 def make_patcher_class(mp):
     """Our ModelPatcher subclass over ``mp`` (comfy.model_patcher, or a stand-in in tests)."""
-    from .lora import StoredWeightPatch
+    from .lora import stored_patch
     from ..runtime.vbar_modules import VbarLayer
 
     # 0.33 reads weights for saving through patch_weight_to_device(return_weight=True); older
@@ -83,7 +83,7 @@ def make_patcher_class(mp):
                     for pname, lst in lists.items():
                         key = f"{name}.{pname}"
                         if key in self.patches:
-                            lst.append(StoredWeightPatch(key, self.patches))
+                            lst.append(stored_patch(m, pname, key, self.patches))
                             count += 1
                         lst.extend(self.weight_wrapper_patches.get(key, []))
                     m.weight_function, m.bias_function = lists["weight"], lists["bias"]
