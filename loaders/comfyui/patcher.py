@@ -30,7 +30,7 @@ def patcher_class():
 
 def make_patcher_class(mp):
     """Our ModelPatcher subclass over ``mp`` (comfy.model_patcher, or a stand-in in tests)."""
-    from .lora import StoredWeightPatch
+    from .lora import stored_patch
     from ..runtime.vbar_modules import VbarLayer
 
     # 0.33 reads weights for saving through patch_weight_to_device(return_weight=True); older
@@ -83,7 +83,7 @@ def make_patcher_class(mp):
                     for pname, lst in lists.items():
                         key = f"{name}.{pname}"
                         if key in self.patches:
-                            lst.append(StoredWeightPatch(key, self.patches))
+                            lst.append(stored_patch(m, pname, key, self.patches))
                             count += 1
                         lst.extend(self.weight_wrapper_patches.get(key, []))
                     m.weight_function, m.bias_function = lists["weight"], lists["bias"]
@@ -99,6 +99,7 @@ def make_patcher_class(mp):
                     # device: patched ComfyUI's way, into the module, as a full load does.
                     if key not in managed and key not in self.backup:
                         _call_base(super().patch_weight_to_device, key, device_to)
+                        _mark_patched(self.model, key)
                 if force_patch_weights:
                     self._present_weights(device_to)
                 elif getattr(self, "is_clip", False) and reads_state_dict:
@@ -297,6 +298,18 @@ def _weight_dtype(h):
         return h.store_dtype
     dq = getattr(h.decode, "weight_dtype", None) or getattr(h.decode, "dequant_dtype", None)
     return dq if isinstance(dq, torch.dtype) else torch.float32
+
+
+def _mark_patched(model, key):
+    """Say what a stock full load says of a module it patched: its weights already are the
+    patched ones. ComfyUI's readers (0.33's LoRA extraction and checkpoint save) then take the
+    module's tensor instead of patching it a second time through patch_weight_to_device(
+    return_weight=True). unpatch_model restores the backup and removes the mark."""
+    from ..runtime.vbar_modules import VbarLayer
+
+    m, _ = _layer_of(model, key)
+    if not isinstance(m, VbarLayer):
+        m.comfy_patched_weights = True
 
 
 def _needs_presenting(model, key):

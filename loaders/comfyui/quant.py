@@ -408,17 +408,29 @@ def attach_scaled_fp8(model, prep, prefix):
 
 
 def _bind_scaled(m, cls, dtype):
-    # ComfyUI's own LoRA conversion for the layer (get_key_weight finds them on the instance);
-    # set_weight reads the stored dtype from self.weight, which for us is the file's tensor.
-    shim = types.SimpleNamespace(weight=torch.empty(0, dtype=dtype))
-
+    """ComfyUI's own LoRA conversion for the layer, bound on the instance: get_key_weight finds
+    them there, and so does lora.stored_patch, which patches the weight as the VBAR stores it
+    with them (times scale_weight, patch, divided and rounded back to fp8 with the key's seed).
+    ``cls.set_weight`` reads the stored dtype from ``self.weight``, which for a VBAR layer is
+    the file's tensor (maybe another dtype), so it runs on a stand-in holding ``dtype``."""
     def convert_weight(weight, inplace=False, **kw):
         return cls.convert_weight(m, weight, inplace=inplace, **kw)
 
     def set_weight(weight, inplace_update=False, seed=None, return_weight=False, **kw):
-        shim.scale_weight = m.scale_weight
-        return cls.set_weight(shim, weight, inplace_update=inplace_update, seed=seed,
-                              return_weight=True, **kw)
+        shim = types.SimpleNamespace(weight=torch.empty(0, dtype=dtype),
+                                     scale_weight=m.scale_weight)
+        # Without return_weight every 0.3.x set_weight assigns its result to self.weight
+        # (0.3.40's takes no return_weight at all).
+        cls.set_weight(shim, weight, seed=seed, **kw)
+        out = shim.weight.data
+        if return_weight:
+            return out
+        # ComfyUI's patch_weight_to_device (force_patch_weights, saving on 0.3.x): the patched
+        # weight goes into the module, where the patcher's override put the unpatched one.
+        if inplace_update:
+            m.weight.data.copy_(out)
+        else:
+            m.weight = torch.nn.Parameter(out, requires_grad=False)
 
     m.convert_weight, m.set_weight = convert_weight, set_weight
 
