@@ -99,10 +99,19 @@ def run_settled(srv, wf, **kw):
     can unload the very models that prompt loaded, racing with a test that reads their
     residency afterwards. A trivial prompt (the monitor node, an output node that loads
     nothing) takes that unload first."""
-    srv.free()
-    flush = srv.run({"1": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
-    assert flush.status == "success", flush.errors
+    apply_free(srv)
     return srv.run(wf, **kw)
+
+
+def apply_free(srv, unload_models=True, free_memory=True):
+    """POST /free, then a trivial prompt, after which ComfyUI's worker applies it.
+
+    The worker reads /free's flags only when it wakes; a /free that lands while it is busy
+    between prompts (its gc.collect() after a prompt, slow on a loaded box) is not a wake-up,
+    and 0.33's worker then sleeps up to 1000 s before it looks (main.py prompt_worker)."""
+    srv.free(unload_models=unload_models, free_memory=free_memory)
+    flush = srv.run({"vbar_flush": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
+    assert flush.status == "success", flush.errors
 
 
 def image_digest(paths):

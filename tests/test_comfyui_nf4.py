@@ -16,7 +16,8 @@ import torch
 
 from vbar_loaders.loaders.runtime.blocks import flux_block_bytes
 
-from comfy_env import ROOT, add_budget, comfy_paths, ensure_models, run_settled, start_server
+from comfy_env import (ROOT, add_budget, apply_free, comfy_paths, ensure_models, run_settled,
+                       start_server)
 from test_comfyui_checkpoint import BUDGETS_GB, digest, load_wf, sd15, write_lora
 
 pytestmark = pytest.mark.comfyui
@@ -227,7 +228,7 @@ def test_pins_follow_comfyui_unloading_and_loading_the_model(server):
     wf["5"]["inputs"]["seed"] = 44
     assert server.run(wf).status == "success"
     assert vbar_stats(server, name)[0]["held_bytes"] > 0
-    server.free(unload_models=True, free_memory=False)    # MODEL stays cached, ComfyUI unloads it
+    apply_free(server, unload_models=True, free_memory=False)   # MODEL stays cached, unloaded
     deadline = time.time() + 30
     while vbar_stats(server, name)[0]["held_bytes"] and time.time() < deadline:
         time.sleep(0.2)
