@@ -99,19 +99,28 @@ def run_settled(srv, wf, **kw):
     can unload the very models that prompt loaded, racing with a test that reads their
     residency afterwards. A trivial prompt (the monitor node, an output node that loads
     nothing) takes that unload first."""
-    apply_free(srv)
+    srv.free()
+    flush = srv.run({"vbar_flush": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
+    assert flush.status == "success", flush.errors
     return srv.run(wf, **kw)
 
 
-def apply_free(srv, unload_models=True, free_memory=True):
-    """POST /free, then a trivial prompt, after which ComfyUI's worker applies it.
+def free_until(srv, done, timeout=30, unload_models=True, free_memory=False):
+    """POST /free every second until ``done()`` or ``timeout`` s; returns ``done()``.
 
-    The worker reads /free's flags only when it wakes; a /free that lands while it is busy
-    between prompts (its gc.collect() after a prompt, slow on a loaded box) is not a wake-up,
-    and 0.33's worker then sleeps up to 1000 s before it looks (main.py prompt_worker)."""
-    srv.free(unload_models=unload_models, free_memory=free_memory)
-    flush = srv.run({"vbar_flush": {"class_type": "VBARVRAMMonitor", "inputs": {}}})
-    assert flush.status == "success", flush.errors
+    ComfyUI's worker reads /free's flags only when it wakes; a /free that lands while it is busy
+    between prompts (its gc.collect() after a prompt, slow on a loaded box) is no wake-up, and
+    0.33's worker then sleeps up to 1000 s before it looks (main.py prompt_worker). Posting
+    again wakes it; a prompt would too, but on 0.33 it would also drop the earlier prompts'
+    cached outputs."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        srv.free(unload_models=unload_models, free_memory=free_memory)
+        if done() or time.time() > deadline:
+            return done()
+        time.sleep(1.0)
 
 
 def image_digest(paths):
