@@ -27,6 +27,22 @@ def check(name, cond, detail=""):
     print(f"CHECK {name} ok", flush=True)
 
 
+def interrupt_at(k, forward):
+    """A load-progress callback that records every step in ``.steps``, forwards it to
+    ``forward``, and asks ComfyUI to interrupt at the k-th, as POST /interrupt does: the pack's
+    loaders must then stop there and leave nothing behind."""
+    import comfy.model_management as mm
+
+    def progress(done, total):
+        progress.steps.append((done, total))
+        if len(progress.steps) == k:
+            mm.interrupt_current_processing(True)
+        forward(done, total)
+
+    progress.steps = []
+    return progress
+
+
 def boot(comfy_dir):
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]

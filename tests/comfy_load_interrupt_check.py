@@ -17,7 +17,7 @@ import sys
 
 comfy_dir, pinned = sys.argv[1:3]
 cases = dict(a.split("=", 1) for a in sys.argv[3:])
-from comfy_boot import boot  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, interrupt_at  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -116,14 +116,8 @@ for case, path in cases.items():
 
     stops = sorted({1, 2, n // 2, n - 1, n})
     for k in stops:
-        seen = []
-
-        def interrupting(done, total):
-            seen.append((done, total))
-            if len(seen) == k:
-                mm.interrupt_current_processing(True)    # what POST /interrupt does
-            default(done, total)
-
+        interrupting = interrupt_at(k, default)
+        seen = interrupting.steps
         try:
             load(path, progress=interrupting)
             interrupted = False

@@ -8,7 +8,7 @@ import os
 import sys
 
 comfy_dir, models = sys.argv[1], sys.argv[2]
-from comfy_boot import boot, check  # noqa: E402  (this script's folder is on sys.path)
+from comfy_boot import boot, check, interrupt_at  # noqa: E402  (this script's folder is on sys.path)
 
 boot(comfy_dir)
 
@@ -46,16 +46,8 @@ held = vbars(nf4_name)[0]["held_bytes"]
 check("the previous model holds its pinned block", held > 0, held)
 before = pool_state()
 
-steps = []
-default = comfy_progress()
-
-
-def progress(done, total):
-    steps.append((done, total))
-    if len(steps) == K:
-        mm.interrupt_current_processing(True)    # what POST /interrupt does
-    default(done, total)
-
+progress = interrupt_at(K, comfy_progress())
+steps = progress.steps
 
 try:
     load_nf4_diffusion_model(os.path.join(folder, float_name), 1, 1, quantize_on_load=True,
