@@ -76,3 +76,14 @@ def test_bench_eager_floor_prints_both_verdicts():
     assert rc == 0, out + err
     assert re.search(r"fastest exact sequence [\d.]+; its speed-up [\d.]+x \(goal 2x\)", out), out
     assert re.search(r"gather \+ last passes alone: [\d.]+x of bitsandbytes \(goal 0\.5x\)", out), out
+
+
+def test_bench_gguf_alloc_prints_every_row_and_refuses_a_type_gguf_cannot_make():
+    rc, out, err = run(ROOT / "benchmarks" / "bench_gguf_alloc.py", "--shape", "64,512", "--runs", "1")
+    assert rc == 0, out + err
+    assert out.startswith("Q8_0 64x512 (0.0 M values) -> float32"), out
+    rows = re.findall(r"^  (.+?) +([\d.]+) ms +([\d.]+) ns/value +([\d.]+) of fresh decode$", out, re.M)
+    assert len(rows) == 4, out
+    assert rows[0][0].startswith("decode, fresh output") and float(rows[0][3]) == 1.0, out
+    rc, out, err = run(ROOT / "benchmarks" / "bench_gguf_alloc.py", "--qtype", "Q4_K", "--shape", "64,512")
+    assert rc == 1 and "gguf-py cannot quantize Q4_K" in out + err and "Traceback" not in err, out + err
