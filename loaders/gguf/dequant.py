@@ -41,7 +41,8 @@ IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 8
 # Measured 2026-12-07, tiny Flux Q8_0 forward in ComfyUI 0.33 on a 2-core box at load ~11:
 # 1 << 18 (3129 regions a forward) took 26-45 s against ComfyUI-GGUF's 12-19 s in the same
 # process; 1 << 22, 16-19 s against 15-22 s; with one thread (no regions to wait for) 8-11 s
-# against 10-12 s. Larger chunks cost little cache locality and bound scratch to ~40 MiB.
+# against 10-12 s. Larger chunks cost little cache locality. A chunk is this many values times
+# the thread count (8 M on 2 threads: ~40 MiB of scratch), never more than the weight itself.
 _CPU_CHUNK = 1 << 22
 _DEV_CHUNK = 1 << 23   # elsewhere: few launches, scratch bounded to ~50 MiB
 # Headers are unpacked for this many chunks at once: few enough ops per value, and the
@@ -426,7 +427,7 @@ def _run(qt, raw, out):
     blocks, dst = raw.view(-1, ts), out.view(-1, bs)
     stop = blocks.shape[0]
     cpu = out.device.type == "cpu"
-    # On CPU each of torch's intra-op threads gets a cache-sized share of a chunk.
+    # On CPU each of torch's intra-op threads gets _CPU_CHUNK values of a chunk (see there).
     ch = (_CPU_CHUNK * torch.get_num_threads() if cpu else _DEV_CHUNK) // bs
     ch = min(max(4, ch - ch % 4), stop)  # multiples of 4 blocks stay int32-aligned
     sup = ch * (_PREP_CHUNKS if cpu else 1)
